@@ -1,0 +1,42 @@
+# lmrunner developer entry points. `make test` is what CI runs (.ci/run).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test bootstrap lint typecheck test-host test-v2 images image clean
+
+## test: bootstrap, ruff, mypy --strict, pytest on the host, then the cgroup-v2 tests in a guest
+test: bootstrap lint typecheck test-host test-v2
+
+## bootstrap: install and start the engines, build vcbusybox, make the venv (idempotent)
+bootstrap:
+	scripts/bootstrap
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	bash -n scripts/bootstrap scripts/install-apptainer scripts/test-v2-guest scripts/typecheck \
+	  scripts/build-image images/vcbusybox/build
+	sh -n images/vcbusybox/init
+
+typecheck:
+	scripts/typecheck
+
+## test-host: unit, contract and integration tests (docker, apptainer, qemu, cgroup_v1) here
+test-host:
+	$(PY) -m pytest -m "not cgroup_v2" tests
+
+## test-v2: the cgroup_v2 tests inside a virtme-ng guest (Debian kernel, TCG, pure cgroup v2)
+test-v2:
+	scripts/test-v2-guest
+
+## images: (re)build vcbusybox in its three formats
+images:
+	images/vcbusybox/build all
+
+## image: the lmrunner factory image from the top-level Dockerfile
+image:
+	scripts/build-image
+
+clean:
+	rm -rf build .cache .pytest_cache .mypy_cache .ruff_cache

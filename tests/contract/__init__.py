@@ -1,0 +1,1 @@
+"""Contract suite: the same scenarios against every backend (arrives with the Backend protocol)."""
