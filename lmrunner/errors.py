@@ -14,7 +14,22 @@ class LmrunnerError(Exception):
 
 
 class ConfigError(LmrunnerError):
-    """The configuration (a file, a field or a value in it) is invalid."""
+    """The configuration (a file, a field or a value in it) is invalid.
+
+    ``errors`` holds every problem found, one line each (file:line: key: what was expected).
+    """
+
+    def __init__(self, message: str, *, errors: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.errors = errors or (message,)
+
+
+class ProxyError(LmrunnerError):
+    """An X.509 proxy for a logical machine could not be made."""
+
+
+class PipeError(LmrunnerError):
+    """A Vacuum Pipe could not be fetched or parsed."""
 
 
 class SpecError(LmrunnerError):

@@ -1,0 +1,30 @@
+"""Atomic file writes: a reader (or an LM) sees the old content or the new, never a torn file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_text(
+    path: Path, text: str, *, mode: int = 0o644, owner: tuple[int, int] | None = None
+) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename.
+
+    The temporary file gets ``mode`` (and ``owner``) before any byte is written, so a secret is
+    never readable by others even for a moment.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, *owner)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,319 @@
+"""Vacuum Pipes: machinetype definitions published by a VO as JSON, expanded into machinetypes.
+
+A pipe ``PREFIX`` with entries ``{"suffix": "prod", ...}`` yields machinetypes ``PREFIX-prod``.
+Precedence: a local ``machinetypes.PREFIX-SUFFIX`` section > the pipe's ``overrides`` > the JSON.
+Each type's share is ``pipe target_share x entry target_share / sum of entry target_shares``.
+
+Unlike Vac, which dropped a pipe's machinetypes whenever a due refresh failed, the last good copy
+stays in use until a refresh succeeds. A rejected entry is reported and the others still load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from lmrunner import __version__, atomic
+from lmrunner.config import VAC_MODELS, MachinetypeConfig, PipeConfig, vac_names
+from lmrunner.errors import PipeError
+from lmrunner.schema import Problems, build
+from lmrunner.yamlsrc import Located, Where, located_from
+
+LOG = logging.getLogger(__name__)
+
+#: Keys Vac accepts in a pipe's JSON entries (vac.md §2.4), plus its option families.
+ACCEPTED_KEYS = frozenset(
+    [
+        "accounting_fqan",
+        "backoff_seconds",
+        "container_command",
+        "cvmfs_repositories",
+        "fizzle_seconds",
+        "disk_gb_per_processor",
+        "heartbeat_file",
+        "heartbeat_seconds",
+        "image_signing_dn",
+        "legacy_proxy",
+        "machine_model",
+        "max_processors",
+        "max_wallclock_seconds",
+        "min_processors",
+        "min_wallclock_seconds",
+        "root_device",
+        "root_image",
+        "scratch_device",
+        "suffix",
+        "target_share",
+        "tmp_binds",
+        "user_data",
+        "user_data_proxy",
+    ]
+)
+DEFAULT_CACHE_SECONDS = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class CachedPipe:
+    """The last good copy of a pipe document."""
+
+    url: str
+    fetched_at: float
+    document: Mapping[str, Any]
+
+    @property
+    def cache_seconds(self) -> int:
+        value = self.document.get("cache_seconds", DEFAULT_CACHE_SECONDS)
+        return value if isinstance(value, int) and value > 0 else DEFAULT_CACHE_SECONDS
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshResult:
+    """What :meth:`PipeStore.refresh` did: ``fresh``, ``fetched`` or ``failed`` (old copy kept)."""
+
+    pipe: str
+    status: str
+    detail: str
+    cached: CachedPipe | None
+
+
+class PipeStore:
+    """The on-disk cache of pipe documents (``<state_dir>/pipescache/<name>.json``)."""
+
+    def __init__(self, cache_dir: Path, session: requests.Session | None = None) -> None:
+        self.cache_dir = cache_dir
+        self.session = session or requests.Session()
+
+    def path(self, name: str) -> Path:
+        return self.cache_dir / f"{name}.json"
+
+    def load(self, name: str) -> CachedPipe | None:
+        """The cached copy, or None when there is none (or it is unreadable)."""
+        try:
+            data = json.loads(self.path(name).read_text())
+            return CachedPipe(str(data["url"]), float(data["fetched_at"]), dict(data["document"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            LOG.warning("pipe %s: ignoring unreadable cache %s: %s", name, self.path(name), err)
+            return None
+
+    def documents(self, pipes: Mapping[str, PipeConfig]) -> dict[str, Mapping[str, Any]]:
+        """The cached document of each configured pipe that has one."""
+        out: dict[str, Mapping[str, Any]] = {}
+        for name, pipe in pipes.items():
+            cached = self.load(name)
+            if cached is not None and cached.url == pipe.url:
+                out[name] = cached.document
+        return out
+
+    def refresh(
+        self, pipe: PipeConfig, *, force: bool = False, at: float | None = None
+    ) -> RefreshResult:
+        """Fetch the pipe when its cache is older than its ``cache_seconds`` (or ``force``).
+
+        Never raises for a failed fetch: the last good copy stays in place and is returned.
+        """
+        moment = time.time() if at is None else at
+        cached = self.load(pipe.name)
+        if cached is not None and cached.url != pipe.url:
+            cached = None  # the URL changed: the old copy describes another pipe
+        if not force and cached is not None and moment - cached.fetched_at < cached.cache_seconds:
+            return RefreshResult(pipe.name, "fresh", "cache is fresh", cached)
+        try:
+            document = fetch_document(pipe, self.session)
+        except PipeError as err:
+            kept = "keeping the last good copy" if cached else "no copy yet: its machinetypes wait"
+            LOG.warning("pipe %s: refresh failed: %s; %s", pipe.name, err, kept)
+            return RefreshResult(pipe.name, "failed", f"{err}; {kept}", cached)
+        fresh = CachedPipe(pipe.url, moment, document)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        payload = {"url": fresh.url, "fetched_at": fresh.fetched_at, "document": document}
+        atomic.write_text(self.path(pipe.name), json.dumps(payload, indent=1, sort_keys=True))
+        return RefreshResult(pipe.name, "fetched", f"fetched {pipe.url}", fresh)
+
+
+def fetch_document(pipe: PipeConfig, session: requests.Session) -> Mapping[str, Any]:
+    """GET the pipe's JSON, at most ``max_bytes``, and check its shape.
+
+    Raises:
+        PipeError: one line saying what failed.
+    """
+    headers = {"User-Agent": f"lmrunner/{__version__}", "Accept": "application/json"}
+    try:
+        with session.get(
+            pipe.url, timeout=pipe.timeout_seconds, stream=True, headers=headers
+        ) as reply:
+            reply.raise_for_status()
+            body = b""
+            for chunk in reply.iter_content(65536):
+                body += chunk
+                if len(body) > pipe.max_bytes:
+                    raise PipeError(f"{pipe.url}: larger than max_bytes ({pipe.max_bytes})")
+    except requests.RequestException as err:
+        raise PipeError(f"{pipe.url}: {type(err).__name__}: {err}") from err
+    try:
+        document = json.loads(body)
+    except ValueError as err:
+        raise PipeError(f"{pipe.url}: not JSON: {err}") from err
+    if not isinstance(document, dict) or not isinstance(document.get("machinetypes"), list):
+        raise PipeError(f"{pipe.url}: expected an object with a 'machinetypes' list")
+    return document
+
+
+def check_pipe(pipe: PipeConfig, raw: Located, problems: Problems) -> bool:
+    """Checks of a pipe section that the schema alone cannot express."""
+    path = f"vacuum_pipes.{pipe.name}"
+    ok = True
+    schemes = ("https://", "http://") if pipe.allow_http else ("https://",)
+    if not pipe.url.startswith(schemes):
+        expected = (
+            "an https:// or http:// URL"
+            if pipe.allow_http
+            else "an https:// URL (or allow_http: true)"
+        )
+        problems.add(raw.where_of("url"), f"{path}.url", f"expected {expected}, got {pipe.url!r}")
+        ok = False
+    overrides = raw.get("overrides")
+    if isinstance(overrides, Located):
+        probe = Located(overrides.where)
+        for key, value in overrides.items():
+            probe.put(key, value, overrides.where_of(key))
+        # Overrides are machinetype options: check them as such (required keys come later).
+        scratch = Problems()
+        build(MachinetypeConfig, probe, f"{path}.overrides", scratch, extra={"name": "x"})
+        for line in scratch.lines:
+            if "required;" not in line:
+                problems.lines.append(line)
+                ok = False
+    return ok
+
+
+def expand_pipes(
+    pipes: Mapping[str, PipeConfig],
+    documents: Mapping[str, Mapping[str, Any]],
+    local: Located,
+    warnings: list[str],
+) -> dict[str, Located]:
+    """Machinetype sections generated by the pipes, merged with their overrides and local sections.
+
+    Entries that break the rules are left out, each with one line in ``warnings``.
+    """
+    out: dict[str, Located] = {}
+    for name, pipe in pipes.items():
+        document = documents.get(name)
+        if document is None:
+            continue
+        entries: list[tuple[str, Located]] = []
+        for index, entry in enumerate(document.get("machinetypes", [])):
+            origin = f"pipe {name} ({pipe.url}) entry {index}"
+            converted = _entry(entry, origin, pipe, warnings)
+            if converted is not None:
+                entries.append(converted)
+        total = sum(float(e.get("target_share", 0) or 0) for _, e in entries)
+        for suffix, entry in entries:
+            mt_name = f"{name}-{suffix}"
+            share = float(entry.get("target_share", 0) or 0)
+            entry.put(
+                "target_share", pipe.target_share * share / total if total else 0.0, entry.where
+            )
+            for key, value in pipe.overrides.items():
+                entry.put(key, value, Where(f"vacuum_pipes.{name}.overrides"))
+            # The entry on its own (JSON + overrides) must be a valid machinetype.
+            scratch = Problems()
+            if (
+                build(
+                    MachinetypeConfig,
+                    entry,
+                    f"machinetypes.{mt_name}",
+                    scratch,
+                    extra={"name": mt_name},
+                )
+                is None
+            ):
+                warnings.append(f"{entry.where}: rejected: {scratch.lines[0].split(': ', 1)[1]}")
+                continue
+            merged = Located(entry.where)
+            for key, value in entry.items():
+                merged.put(key, value, entry.where_of(key))
+            override = local.get(mt_name)
+            if isinstance(override, Located):
+                for key, value in override.items():
+                    merged.put(key, value, override.where_of(key))
+            merged.put("__pipe__", name, entry.where)
+            out[mt_name] = merged
+    return out
+
+
+def _entry(
+    entry: Any, origin: str, pipe: PipeConfig, warnings: list[str]
+) -> tuple[str, Located] | None:
+    """One JSON entry in lmrunner's names, or None (with a warning) when it breaks the rules."""
+    if not isinstance(entry, dict):
+        warnings.append(f"{origin}: rejected: expected an object")
+        return None
+    suffix = entry.get("suffix")
+    if (
+        not isinstance(suffix, str)
+        or not suffix
+        or not all(c.isalnum() or c == "-" for c in suffix)
+    ):
+        warnings.append(f"{origin}: rejected: 'suffix' must be a name of letters, digits and '-'")
+        return None
+    where = Where(f"{origin} '{suffix}'")
+    names = vac_names(MachinetypeConfig)
+    out = Located(where)
+    options: dict[str, str] = {}
+    files: dict[str, str] = {}
+    for key, value in entry.items():
+        if key == "suffix":
+            continue
+        if key.startswith("user_data_option_"):
+            options[key.removeprefix("user_data_option_")] = value
+        elif key.startswith("user_data_file_"):
+            files[key.removeprefix("user_data_file_")] = value
+        elif key in ACCEPTED_KEYS:
+            out.put(names.get(key) or key, located_from(value, where), where)
+        else:
+            LOG.info("%s: ignoring key %r (not accepted from pipes)", origin, key)
+    if options:
+        out.put("user_data_options", located_from(options, where), where)
+    if files:
+        out.put("user_data_files", located_from(files, where), where)
+    model = out.get("backend")
+    if isinstance(model, str) and model in VAC_MODELS:
+        out.put("backend", VAC_MODELS[model].value, where)
+    elif model is None:
+        out.put("backend", VAC_MODELS["cernvm3"].value, where)  # Vac's default machine_model
+    problem = _unsafe(out, files, pipe)
+    if problem:
+        warnings.append(f"{where}: rejected: {problem}")
+        return None
+    return suffix.lower(), out
+
+
+def _unsafe(entry: Located, files: Mapping[str, Any], pipe: PipeConfig) -> str | None:
+    """Vac's path-safety rules for what a remote document may point at (vac.md §2.4)."""
+    web = ("https://", "http://") if pipe.allow_http else ("https://",)
+    for key, value in files.items():
+        if not isinstance(value, str) or "/" in value:
+            return f"user_data_file_{key} may not contain '/'"
+    repos = entry.get("cvmfs_repositories")
+    for repo in repos if isinstance(repos, list) else str(repos or "").split():
+        if "/" in str(repo):
+            return "cvmfs_repositories may not contain '/'"
+    if "/" in str(entry.get("heartbeat_file") or ""):
+        return "heartbeat_file may not contain '/'"
+    user_data = str(entry.get("user_data") or "")
+    if "/../" in user_data or ("/" in user_data and not user_data.startswith(web)):
+        return f"user_data {user_data!r} must be a plain file name or an https URL"
+    image = str(entry.get("image") or "")
+    if "/../" in image or ("/" in image and not image.startswith(("docker://", "/cvmfs/", *web))):
+        return f"root_image {image!r} must be a file name, docker://, /cvmfs/ or https"
+    return None
