@@ -29,6 +29,10 @@ NAME_TEXT = "a name of lower-case letters, digits and '-'"
 FQDN_PATTERN = r"([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]*[a-z0-9])?"
 FQDN_TEXT = "a fully qualified domain name such as vac01.example.com"
 SIMPLE_NAME = r"[A-Za-z0-9._-]+"
+#: Keys lmrunner writes into machinefeatures/ itself; options may only add others.
+STANDARD_MACHINEFEATURES = frozenset(
+    {"total_cpu", "hs06", "shutdowntime", "grace_secs", "phys_cores", "log_cores", "jobslots"}
+)
 
 
 class BackendName(StrEnum):
@@ -333,6 +337,12 @@ class MachinetypeConfig:
         "(relative: in files/).",
         vac="user_data_file_*",
     )
+    files_dir: Path | None = option(
+        None,
+        "Where relative user_data, image and user_data_files names are found (Vac: "
+        "/var/lib/vac/machinetypes/NAME/files).",
+        default_text="<state_dir>/machinetypes/NAME/files (NAME: the pipe for pipe types)",
+    )
     pipe: str | None = field(default=None, metadata={})  # set by lmrunner: the pipe it came from
 
     @property
@@ -381,9 +391,16 @@ class Config:
     warnings: tuple[str, ...] = ()
 
     def machinetype_dir(self, name: str) -> Path:
-        """Vac's machinetype path: admin-provided files (files/, x509cert.pem, x509key.pem)."""
+        """Vac's machinetype path: admin-provided files (x509cert.pem, x509key.pem, files/)."""
         mt = self.machinetypes.get(name)
         return self.factory.state_dir / "machinetypes" / (mt.pipe if mt and mt.pipe else name)
+
+    def files_dir(self, name: str) -> Path:
+        """Where relative file names of machinetype ``name`` are looked up."""
+        mt = self.machinetypes.get(name)
+        if mt is not None and mt.files_dir is not None:
+            return mt.files_dir
+        return self.machinetype_dir(name) / "files"
 
 
 def usable_cpus() -> int:
@@ -438,7 +455,10 @@ def load_config(
             problems.add(merged.where_of(key), key, unknown_key_message(key, list(SECTIONS)))
 
     factory_raw = _section(merged, "factory", problems)
-    factory = build(FactoryConfig, factory_raw, "factory", problems)
+    # shutdown_time also takes ISO 8601 text: _finish_factory parses it.
+    factory = build(
+        FactoryConfig, factory_raw, "factory", problems, skip=frozenset({"shutdown_time"})
+    )
     if factory is not None:
         factory = _finish_factory(factory, factory_raw, problems, hostname, cpus)
 
@@ -571,6 +591,13 @@ def _finish_factory(
             "factory.factories",
             f"expected to include this factory ({host} or '.')",
         )
+    clash = sorted(STANDARD_MACHINEFEATURES & set(factory.machinefeatures_options))
+    if clash:
+        problems.add(
+            raw.where_of("machinefeatures_options"),
+            "factory.machinefeatures_options",
+            f"expected extra keys only; {', '.join(clash)} is a standard machinefeatures key",
+        )
     shutdown = factory.shutdown_time
     if "shutdown_time" in raw and raw["shutdown_time"] is not None:
         shutdown = parse_time(raw["shutdown_time"])
@@ -625,7 +652,7 @@ def _check_machinetype_files(
     if not check_files:
         return
     where = Where(f"machinetypes.{mt.name}")
-    files_dir = factory.state_dir / "machinetypes" / (mt.pipe or mt.name) / "files"
+    files_dir = mt.files_dir or factory.state_dir / "machinetypes" / (mt.pipe or mt.name) / "files"
     wanted: list[tuple[str, Path]] = []
     if mt.user_data and not mt.user_data.startswith("https://"):
         wanted.append(("user_data", resolve_local(mt.user_data, files_dir)))
@@ -709,3 +736,15 @@ def vac_names(cls: type[Any]) -> dict[str, str]:
         for name in info_of(f).vac:
             out[name] = f.name
     return out
+
+
+#: Vac options with no home in lmrunner, and why (shown by the reference and the importer).
+VAC_NOT_CARRIED: Mapping[str, str] = {
+    "volume_group": "lmrunner makes no LVM volumes; scratch is bounded by disk_gb_per_processor",
+    "fix_networking": "lmrunner runs VMs with user-mode networking; there is no libvirt network",
+    "forward_dev": "lmrunner runs VMs with user-mode networking; there is no libvirt network",
+    "domain_type": "rejected by Vac too",
+    "total_machines": "rejected by Vac too; use total_processors",
+    "delete_old_files": "rejected by Vac too",
+    "mb_per_machine": "ignored by Vac too; use mb_per_processor",
+}

@@ -20,9 +20,10 @@ from typing import Any
 
 import requests
 
-from lmrunner import __version__, atomic
+from lmrunner import atomic
 from lmrunner.config import VAC_MODELS, MachinetypeConfig, PipeConfig, vac_names
 from lmrunner.errors import PipeError
+from lmrunner.fetch import FetchError, fetch_bytes
 from lmrunner.schema import Problems, build
 from lmrunner.yamlsrc import Located, Where, located_from
 
@@ -145,19 +146,12 @@ def fetch_document(pipe: PipeConfig, session: requests.Session) -> Mapping[str, 
     Raises:
         PipeError: one line saying what failed.
     """
-    headers = {"User-Agent": f"lmrunner/{__version__}", "Accept": "application/json"}
     try:
-        with session.get(
-            pipe.url, timeout=pipe.timeout_seconds, stream=True, headers=headers
-        ) as reply:
-            reply.raise_for_status()
-            body = b""
-            for chunk in reply.iter_content(65536):
-                body += chunk
-                if len(body) > pipe.max_bytes:
-                    raise PipeError(f"{pipe.url}: larger than max_bytes ({pipe.max_bytes})")
-    except requests.RequestException as err:
-        raise PipeError(f"{pipe.url}: {type(err).__name__}: {err}") from err
+        body = fetch_bytes(
+            pipe.url, max_bytes=pipe.max_bytes, timeout=pipe.timeout_seconds, session=session
+        )
+    except FetchError as err:
+        raise PipeError(str(err)) from err
     try:
         document = json.loads(body)
     except ValueError as err:
@@ -224,7 +218,7 @@ def expand_pipes(
                 "target_share", pipe.target_share * share / total if total else 0.0, entry.where
             )
             for key, value in pipe.overrides.items():
-                entry.put(key, value, Where(f"vacuum_pipes.{name}.overrides"))
+                _overlay(entry, key, value, Where(f"vacuum_pipes.{name}.overrides"))
             # The entry on its own (JSON + overrides) must be a valid machinetype.
             scratch = Problems()
             if (
@@ -245,7 +239,7 @@ def expand_pipes(
             override = local.get(mt_name)
             if isinstance(override, Located):
                 for key, value in override.items():
-                    merged.put(key, value, override.where_of(key))
+                    _overlay(merged, key, value, override.where_of(key))
             merged.put("__pipe__", name, entry.where)
             out[mt_name] = merged
     return out
@@ -317,3 +311,21 @@ def _unsafe(entry: Located, files: Mapping[str, Any], pipe: PipeConfig) -> str |
     if "/../" in image or ("/" in image and not image.startswith(("docker://", "/cvmfs/", *web))):
         return f"root_image {image!r} must be a file name, docker://, /cvmfs/ or https"
     return None
+
+
+def _overlay(into: Located, key: str, value: Any, where: Where) -> None:
+    """Set ``key``; option families (user_data_options/files) merge name by name, as in Vac."""
+    old = into.get(key)
+    if (
+        key in ("user_data_options", "user_data_files")
+        and isinstance(old, Mapping)
+        and isinstance(value, Mapping)
+    ):
+        merged = Located(where)
+        for name, item in old.items():
+            merged.put(name, item, old.where_of(name) if isinstance(old, Located) else where)
+        for name, item in value.items():
+            merged.put(name, item, where)
+        into.put(key, merged, where)
+    else:
+        into.put(key, value, where)

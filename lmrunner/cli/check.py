@@ -1,0 +1,48 @@
+"""``lmrunner check``: validate the configuration and print the effective one (pipes expanded)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import yaml
+
+from lmrunner.cli.common import add_config_option, load, pipe_summary
+from lmrunner.config import as_dict
+
+
+def add_parser(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "check",
+        help="validate the configuration and print the effective configuration",
+        description="Validate the configuration (every error on its own line, naming file, "
+        "line and key) and print the effective configuration, Vacuum Pipes expanded, as YAML.",
+    )
+    add_config_option(parser)
+    parser.add_argument(
+        "--refresh-pipes", action="store_true", help="fetch every Vacuum Pipe first"
+    )
+    parser.add_argument(
+        "--skip-file-checks",
+        action="store_true",
+        help="do not require the files the configuration names to exist here (e.g. when "
+        "checking a converted Vac configuration before copying its files)",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing when valid")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load(
+        args.config, refresh_pipes=args.refresh_pipes, check_files=not args.skip_file_checks
+    )
+    for warning in config.warnings:
+        print(f"lmrunner: warning: {warning}", file=sys.stderr)
+    if args.quiet:
+        return 0
+    header = [f"# effective configuration from {', '.join(map(str, config.files))}"]
+    header += [f"# {pipe_summary(config, pipe)}" for pipe in config.pipes.values()]
+    print("\n".join(header))
+    print(yaml.safe_dump(as_dict(config), sort_keys=False, default_flow_style=False), end="")
+    return 0
