@@ -654,7 +654,7 @@ def _check_machinetype_files(
     where = Where(f"machinetypes.{mt.name}")
     files_dir = mt.files_dir or factory.state_dir / "machinetypes" / (mt.pipe or mt.name) / "files"
     wanted: list[tuple[str, Path]] = []
-    if mt.user_data and not mt.user_data.startswith("https://"):
+    if mt.user_data and "://" not in mt.user_data:
         wanted.append(("user_data", resolve_local(mt.user_data, files_dir)))
     for key, name in {**factory.user_data_files, **mt.user_data_files}.items():
         wanted.append((f"user_data_files.{key}", resolve_local(name, files_dir)))

@@ -135,7 +135,7 @@ def build(
         if value is not _INVALID:
             given[key] = value
     for name in settable:
-        if name not in given and fields[name].default is REQUIRED:
+        if name not in given and name not in raw and fields[name].default is REQUIRED:
             problems.add(raw.where, f"{path}.{name}", f"required; {info_of(fields[name]).doc}")
     if len(problems.lines) > before:
         return None
