@@ -496,8 +496,16 @@ def load_config(
             machinetypes[name] = _finish_machinetype(built_mt, raw, problems)
 
     if factory is not None:
-        for mt in machinetypes.values():
-            _check_machinetype_files(mt, factory, problems, check_files)
+        for mt in list(machinetypes.values()):
+            if mt.pipe is None:
+                _check_machinetype_files(mt, factory, problems, check_files)
+                continue
+            # A pipe's type whose files are missing here is rejected alone, like a bad entry.
+            scratch = Problems()
+            _check_machinetype_files(mt, factory, scratch, check_files)
+            if scratch:
+                warnings.extend(f"{line}; machinetype ignored" for line in scratch.lines)
+                del machinetypes[mt.name]
     if problems:
         raise ConfigError("\n".join(problems.lines), errors=tuple(problems.lines))
     assert factory is not None

@@ -25,6 +25,9 @@ def fetch_bytes(
     try:
         with client.get(url, timeout=timeout, stream=True, headers=headers) as reply:
             reply.raise_for_status()
+            if url.startswith("https://") and not reply.url.startswith("https://"):
+                # A redirect must not downgrade what was asked for over https.
+                raise FetchError(f"{url}: redirected to {reply.url}, which is not https")
             body = bytearray()
             for chunk in reply.iter_content(65536):
                 body += chunk

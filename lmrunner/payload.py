@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import uuid as uuid_mod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -79,7 +80,8 @@ def limits_for(config: Config, mt: MachinetypeConfig, processors: int) -> Limits
         processors=processors,
         memory_bytes=factory.mb_per_processor * processors * MIB,
         swap_bytes=factory.swap_mb_per_processor * processors * MIB,
-        disk_bytes=int(effective_disk_gb(mt, factory) * processors * 10**9),
+        # Round per processor: int(0.7 * 3 * 10**9) would be 2099999999.
+        disk_bytes=round(effective_disk_gb(mt, factory) * 10**9) * processors,
         hs06=None
         if factory.hs06_per_processor is None
         else factory.hs06_per_processor * processors,
@@ -336,6 +338,26 @@ def prepare(
         ProxyError: the proxy cannot be made.
     """
     lm_dir.mkdir(mode=0o755, parents=True, exist_ok=False)
+    try:
+        return _fill(config, mt, lm, placement, processors, created, shutdown_time, lm_dir, owner,
+                     session)  # fmt: skip
+    except BaseException:
+        shutil.rmtree(lm_dir, ignore_errors=True)  # no half-made LM directory stays behind
+        raise
+
+
+def _fill(
+    config: Config,
+    mt: MachinetypeConfig,
+    lm: LmIdentity,
+    placement: Placement,
+    processors: int,
+    created: int,
+    shutdown_time: int,
+    lm_dir: Path,
+    owner: tuple[int, int],
+    session: requests.Session | None,
+) -> Prepared:
     limits = limits_for(config, mt, processors)
     template, url = read_template(config, mt, session)
     proxy_pem = make_proxy(config, mt, shutdown_time)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -71,7 +73,9 @@ class CachedPipe:
     @property
     def cache_seconds(self) -> int:
         value = self.document.get("cache_seconds", DEFAULT_CACHE_SECONDS)
-        return value if isinstance(value, int) and value > 0 else DEFAULT_CACHE_SECONDS
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            return DEFAULT_CACHE_SECONDS  # JSON true is no number of seconds
+        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +158,7 @@ def fetch_document(pipe: PipeConfig, session: requests.Session) -> Mapping[str, 
         raise PipeError(str(err)) from err
     try:
         document = json.loads(body)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: nested too deep
         raise PipeError(f"{pipe.url}: not JSON: {err}") from err
     if not isinstance(document, dict) or not isinstance(document.get("machinetypes"), list):
         raise PipeError(f"{pipe.url}: expected an object with a 'machinetypes' list")
@@ -204,35 +208,33 @@ def expand_pipes(
         document = documents.get(name)
         if document is None:
             continue
-        entries: list[tuple[str, Located]] = []
-        for index, entry in enumerate(document.get("machinetypes", [])):
+        accepted: list[tuple[str, Located, float]] = []
+        for index, raw_entry in enumerate(document.get("machinetypes", [])):
             origin = f"pipe {name} ({pipe.url}) entry {index}"
-            converted = _entry(entry, origin, pipe, warnings)
-            if converted is not None:
-                entries.append(converted)
-        total = sum(float(e.get("target_share", 0) or 0) for _, e in entries)
-        for suffix, entry in entries:
+            converted = _entry(raw_entry, origin, pipe, warnings)
+            if converted is None:
+                continue
+            suffix, entry = converted
             mt_name = f"{name}-{suffix}"
-            share = float(entry.get("target_share", 0) or 0)
-            entry.put(
-                "target_share", pipe.target_share * share / total if total else 0.0, entry.where
-            )
+            if any(mt_name == f"{name}-{seen}" for seen, _, _ in accepted):
+                warnings.append(f"{entry.where}: rejected: suffix '{suffix}' given twice")
+                continue
+            share = _share(entry.get("target_share")) or 0.0
             for key, value in pipe.overrides.items():
                 _overlay(entry, key, value, Where(f"vacuum_pipes.{name}.overrides"))
             # The entry on its own (JSON + overrides) must be a valid machinetype.
             scratch = Problems()
-            if (
-                build(
-                    MachinetypeConfig,
-                    entry,
-                    f"machinetypes.{mt_name}",
-                    scratch,
-                    extra={"name": mt_name},
-                )
-                is None
-            ):
+            path = f"machinetypes.{mt_name}"
+            if build(MachinetypeConfig, entry, path, scratch, extra={"name": mt_name}) is None:
                 warnings.append(f"{entry.where}: rejected: {scratch.lines[0].split(': ', 1)[1]}")
                 continue
+            accepted.append((suffix, entry, share))
+        # Shares are split over the entries that were accepted, so rejects take none.
+        total = sum(share for _, _, share in accepted)
+        for suffix, entry, share in accepted:
+            mt_name = f"{name}-{suffix}"
+            split = pipe.target_share * share / total if total else 0.0
+            entry.put("target_share", split, entry.where)
             merged = Located(entry.where)
             for key, value in entry.items():
                 merged.put(key, value, entry.where_of(key))
@@ -253,11 +255,8 @@ def _entry(
         warnings.append(f"{origin}: rejected: expected an object")
         return None
     suffix = entry.get("suffix")
-    if (
-        not isinstance(suffix, str)
-        or not suffix
-        or not all(c.isalnum() or c == "-" for c in suffix)
-    ):
+    # ASCII only: str.isalnum() also takes letters like 'ß' that no machinetype name may hold.
+    if not isinstance(suffix, str) or not re.fullmatch(r"[A-Za-z0-9-]+", suffix):
         warnings.append(f"{origin}: rejected: 'suffix' must be a name of letters, digits and '-'")
         return None
     where = Where(f"{origin} '{suffix}'")
@@ -285,6 +284,13 @@ def _entry(
         out.put("backend", VAC_MODELS[model].value, where)
     elif model is None:
         out.put("backend", VAC_MODELS["cernvm3"].value, where)  # Vac's default machine_model
+    share = _share(out.get("target_share"))
+    if share is None:
+        warnings.append(
+            f"{where}: rejected: target_share must be a number >= 0, got {out['target_share']!r}"
+        )
+        return None
+    out.put("target_share", share, where)  # missing or null counts as 0, as in Vac
     problem = _unsafe(out, files, pipe)
     if problem:
         warnings.append(f"{where}: rejected: {problem}")
@@ -305,12 +311,26 @@ def _unsafe(entry: Located, files: Mapping[str, Any], pipe: PipeConfig) -> str |
     if "/" in str(entry.get("heartbeat_file") or ""):
         return "heartbeat_file may not contain '/'"
     user_data = str(entry.get("user_data") or "")
-    if "/../" in user_data or ("/" in user_data and not user_data.startswith(web)):
+    # https only, even with allow_http: the machinetype schema rejects an http user_data.
+    if "/../" in user_data or ("/" in user_data and not user_data.startswith("https://")):
         return f"user_data {user_data!r} must be a plain file name or an https URL"
     image = str(entry.get("image") or "")
     if "/../" in image or ("/" in image and not image.startswith(("docker://", "/cvmfs/", *web))):
         return f"root_image {image!r} must be a file name, docker://, /cvmfs/ or https"
     return None
+
+
+def _share(value: Any) -> float | None:
+    """An entry's target_share as a finite number >= 0 (missing or null: 0), else None."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        share = float(value)
+    except ValueError:
+        return None
+    return share if math.isfinite(share) and share >= 0 else None
 
 
 def _overlay(into: Located, key: str, value: Any, where: Where) -> None:
