@@ -114,3 +114,9 @@ def test_reference_lists_every_vac_option_with_a_home() -> None:
     for vac_name in ("vac_space", "cpu_total", "singularity_user", "machineoutputs_days",
                      "cernvm_signing_dn", "vacuum_pipe_url", "volume_group"):  # fmt: skip
         assert f"`{vac_name}`" in text
+
+
+def test_example_configuration_is_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    example = REPO / "examples" / "lmrunner.yaml"
+    assert main(["check", "--config", str(example), "--skip-file-checks", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
