@@ -58,3 +58,16 @@ def test_version_option(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["--version"])
     assert caught.value.code == 0
     assert capsys.readouterr().out == f"lmrunner {lmrunner.__version__}\n"
+
+
+def test_every_subpackage_is_installed() -> None:
+    # The package list is explicit (the folders are mapped), so a new subpackage must be added
+    # to it, or the wheel (and the factory image) silently lacks it.
+    listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    mapping = PYPROJECT["tool"]["setuptools"]["package-dir"]
+    found = set()
+    for package, folder in mapping.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(REPO / folder)
+            found.add(".".join([package, *relative.parts]))
+    assert found == listed
