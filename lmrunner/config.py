@@ -41,6 +41,7 @@ class BackendName(StrEnum):
     DOCKER = "docker"
     APPTAINER = "apptainer"
     VM = "vm"
+    FAKE = "fake"  # LMs simulated by lmrunner itself: tests, demos, benchmarks
 
 
 class MjfEnvStyle(StrEnum):
@@ -190,7 +191,7 @@ class MachinetypeConfig:
     backend: BackendName = option(
         REQUIRED,
         "Engine that runs this type's LMs (Vac machine_model: docker -> docker, singularity -> "
-        "apptainer, cernvm3/cernvm4/vm-raw -> vm).",
+        "apptainer, cernvm3/cernvm4/vm-raw -> vm); fake simulates LMs for tests and demos.",
         vac=("machine_model", "vm_model"),
     )
     image: str = option(

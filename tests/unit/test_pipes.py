@@ -714,7 +714,7 @@ MALFORMED: dict[str, tuple[Any, str]] = {
     "unknown-model": (
         {**TEST, "suffix": "bad", "machine_model": "xen"},
         "entry 1 'bad': rejected: machinetypes.vo-bad.backend: expected one of 'docker', "
-        "'apptainer', 'vm', got 'xen'",
+        "'apptainer', 'vm', 'fake', got 'xen'",
     ),
     "bad-value": (
         {**TEST, "suffix": "bad", "max_processors": "many"},

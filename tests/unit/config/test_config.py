@@ -141,7 +141,7 @@ BAD = [
     (  # 7: an unknown backend
         GOOD.replace("backend: docker", "backend: libvirt"),
         "{f}:6: machinetypes.lhcb-dc.backend: expected one of 'docker', 'apptainer', 'vm', "
-        "got 'libvirt'",
+        "'fake', got 'libvirt'",
     ),
     (  # 8: not an FQDN
         GOOD.replace("vac01.example.com", "vac01"),

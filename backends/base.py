@@ -1,0 +1,150 @@
+"""The one contract every backend implements, and the values that cross it.
+
+The core calls backends only through :class:`Backend` and never branches on which one it has.
+Graceful stop is kept apart from cleanup (Nomad's StopTask/DestroyTask): ``stop`` asks, ``stop``
+with ``force`` kills, ``destroy`` removes what is left and is idempotent. Exits are pushed to the
+core through the ``notify`` callback given to ``watch`` (event-driven, no polling by the core);
+``inspect`` tells what happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from lmrunner.model import Limits, Mount, Placement
+
+#: Labels on every engine object an LM creates, so nothing is ever found by guessing names.
+LABEL_FACTORY = "org.lmrunner.factory"
+LABEL_NAME = "org.lmrunner.lm.name"
+LABEL_UUID = "org.lmrunner.lm.uuid"
+
+
+class Health(StrEnum):
+    OK = "ok"
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Whether a backend's engine can be used here, and why not. ``probe()`` never raises."""
+
+    health: Health
+    version: str | None
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class MachineSpec:
+    """Everything a backend needs to start one LM; built by the core."""
+
+    uuid: str
+    name: str  # also the LM's hostname
+    machinetype: str
+    image: str
+    command: tuple[str, ...]
+    limits: Limits
+    mounts: tuple[Mount, ...]
+    env: Mapping[str, str]
+    labels: Mapping[str, str]
+    directory: Path  # the LM directory (logs the backend keeps go here too)
+    owner: tuple[int, int]  # uid, gid the LM runs as
+    stop_grace_seconds: int
+    options: Mapping[str, Any] = field(
+        default_factory=dict
+    )  # backend-specific, checked by validate
+
+
+@dataclass(frozen=True, slots=True)
+class Handle:
+    """What a backend needs to find its LM again after a daemon restart (persisted as JSON)."""
+
+    version: int
+    data: Mapping[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "data": dict(self.data)}
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> Handle:
+        return cls(int(value["version"]), dict(value["data"]))
+
+
+class EngineState(StrEnum):
+    RUNNING = "running"
+    EXITED = "exited"
+    MISSING = "missing"  # the engine has no object for this LM (any more)
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """What the engine says about an LM."""
+
+    state: EngineState
+    exit_code: int | None = None
+    oom_killed: bool = False
+    ended_at: float | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Owned:
+    """An engine object carrying lmrunner's labels (for adoption and orphan reconciliation)."""
+
+    uuid: str
+    name: str
+    factory: str
+    handle: Handle  # enough to destroy it, even without a record
+
+
+class Backend(Protocol):
+    """A kind of logical machine: Docker container, Apptainer container, QEMU VM, or the fake."""
+
+    name: ClassVar[str]
+    placement: ClassVar[Placement]
+    #: True when LMs run as the factory's unprivileged sc_user (their joboutputs belong to it).
+    runs_as_sc_user: ClassVar[bool]
+
+    def probe(self) -> Probe:
+        """Can this engine be used now? Never raises."""
+
+    def validate(self, spec: MachineSpec) -> None:
+        """Raise :class:`~lmrunner.errors.SpecError`, before any side effect, if it cannot run."""
+
+    def start(self, spec: MachineSpec) -> Handle:
+        """Create and start the LM; return once the engine has it.
+
+        Raises:
+            StartError: it could not be started (nothing is left behind).
+        """
+
+    def recover(self, uuid: str, handle: Handle) -> None:
+        """Reattach to a running LM after a daemon restart (resume exit notifications).
+
+        Raises:
+            MachineNotFound: the engine no longer has it.
+        """
+
+    def inspect(self, uuid: str, handle: Handle) -> Status:
+        """The LM's state as the engine sees it; MISSING when the object is gone."""
+
+    def stop(self, uuid: str, handle: Handle, *, force: bool = False) -> None:
+        """Ask the LM to stop (SIGTERM, ACPI power button), or kill it at once with ``force``.
+
+        Returns without waiting; the exit arrives through ``watch``.
+        """
+
+    def destroy(self, uuid: str, handle: Handle) -> None:
+        """Remove whatever the engine still holds for the LM. Idempotent: gone is success."""
+
+    def list_owned(self) -> list[Owned]:
+        """Engine objects carrying lmrunner's labels, of any factory."""
+
+    def watch(self, notify: Callable[[str], None]) -> None:
+        """Start calling ``notify(uuid)`` (from any thread) whenever an LM may have ended."""
+
+    def close(self) -> None:
+        """Stop watching and release connections."""

@@ -1,0 +1,525 @@
+"""The factory: starts LMs, notices their ends, enforces limits, and survives its own restarts.
+
+One thread owns the store and makes every decision; backends only push "this LM may have ended"
+notifications (uuids) into a queue. :meth:`Factory.run` waits on that queue until the next
+deadline (an LM's shutdowntime, a stop's grace period, a heartbeat check, the periodic
+reconcile), so an exit is handled, accounted and its processors reused within a second, without
+Vac's fixed 60 s cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import queue
+import random
+import shutil
+import threading
+import time
+import uuid as uuid_mod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmrunner import payload, slots
+from lmrunner.backends.base import (
+    LABEL_FACTORY,
+    LABEL_NAME,
+    LABEL_UUID,
+    Backend,
+    EngineState,
+    MachineSpec,
+    Status,
+)
+from lmrunner.config import Config, MachinetypeConfig
+from lmrunner.errors import LmrunnerError, MachineNotFound
+from lmrunner.lifecycle import (
+    LmState,
+    Outcome,
+    OutcomeSource,
+    decide_outcome,
+    heartbeat_outcome,
+    operator_outcome,
+    start_failed_outcome,
+    wallclock_outcome,
+)
+from lmrunner.state import LmRecord, Store
+
+LOG = logging.getLogger(__name__)
+RESTART_OUTCOME = Outcome(100, "Start interrupted by a factory restart", OutcomeSource.START_FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class Tuning:
+    """How eagerly the factory works (defaults suit production; tests shorten them)."""
+
+    max_starts_per_pass: int = 8  # several LMs per pass, not Vac's one per minute
+    reconcile_seconds: float = 30.0  # catch anything a backend failed to report
+    orphan_grace_seconds: float = 300.0  # labelled engine objects without a record
+    idle_wait_seconds: float = 5.0  # re-plan at least this often when processors are free
+
+
+@dataclass
+class PassReport:
+    """What one pass did (for logs, ``--once`` and tests)."""
+
+    started: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    stopping: list[str] = field(default_factory=list)
+    blocked: str | None = None
+
+
+class Factory:
+    """Runs LMs for one configuration on one host."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        backends: Mapping[str, Backend],
+        *,
+        tuning: Tuning = Tuning(),
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        load_average: Callable[[], tuple[float, float, float]] = os.getloadavg,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.backends = backends
+        self.tuning = tuning
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.load_average = load_average
+        self.events: queue.Queue[str] = queue.Queue()
+        self.stopping_requested = threading.Event()
+        self.started_at = clock()
+        self._orphans_seen: dict[str, float] = {}
+        self._next_reconcile = 0.0
+
+    # --- start-up and adoption -------------------------------------------------------------
+
+    def adopt(self) -> PassReport:
+        """After a (re)start: reattach to every running LM and settle the half-done ones."""
+        report = PassReport()
+        for each in self.backends.values():
+            each.watch(self.events.put)
+        for record in self.store.active():
+            backend = self.backends.get(record.backend)
+            if backend is None:
+                LOG.error(
+                    "lm=%s backend=%s: backend not available; left alone",
+                    record.name,
+                    record.backend,
+                )
+                continue
+            if record.state is LmState.CREATING or (
+                record.state is LmState.STARTING and record.handle is None
+            ):
+                self._settle_half_created(record, backend)
+                report.finished.append(record.name)
+                continue
+            assert record.handle is not None
+            try:
+                backend.recover(record.uuid, record.handle)
+            except MachineNotFound:
+                LOG.warning(
+                    "lm=%s: gone from %s while lmrunner was down", record.name, record.backend
+                )
+            self.events.put(record.uuid)  # inspect it in the next pass: it may have ended meanwhile
+            LOG.info("lm=%s machinetype=%s: adopted", record.name, record.machinetype)
+        return report
+
+    def _settle_half_created(self, record: LmRecord, backend: Backend) -> None:
+        """An LM whose start was interrupted: remove whatever exists of it, once."""
+        for owned in backend.list_owned():
+            if owned.uuid == record.uuid:
+                backend.destroy(owned.uuid, owned.handle)
+        shutil.rmtree(record.directory, ignore_errors=True)
+        self.store.transition(
+            record.uuid, LmState.FAILED, outcome=RESTART_OUTCOME, finished=self.clock()
+        )
+        LOG.warning("lm=%s: half-created before a restart; removed", record.name)
+
+    # --- one pass ---------------------------------------------------------------------------
+
+    def run_pass(self) -> PassReport:
+        """Handle everything that is due now; return what was done."""
+        report = PassReport()
+        now = self.clock()
+        self._handle_requests(report)
+        self._handle_events(report)
+        if now >= self._next_reconcile:
+            self._reconcile(report)
+            self._next_reconcile = now + self.tuning.reconcile_seconds
+        self._enforce(report)
+        if not self.stopping_requested.is_set():
+            self._start_lms(report)
+        return report
+
+    def _handle_events(self, report: PassReport) -> None:
+        seen: set[str] = set()
+        while True:
+            try:
+                uuid = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if uuid in seen:
+                continue
+            seen.add(uuid)
+            record = self.store.get(uuid)
+            if record is None or not record.active or record.handle is None:
+                continue
+            self._check(record, report)
+
+    def _check(self, record: LmRecord, report: PassReport) -> None:
+        """Ask the engine about an LM; finalise it when it has ended."""
+        backend = self.backends.get(record.backend)
+        if backend is None or record.handle is None:
+            return
+        status = backend.inspect(record.uuid, record.handle)
+        if status.state is not EngineState.RUNNING:
+            self._finalise(record, backend, status)
+            report.finished.append(record.name)
+
+    def _finalise(self, record: LmRecord, backend: Backend, status: Status) -> None:
+        """Record how the LM ended (exactly once), then remove its engine object."""
+        mt = self.config.machinetypes.get(record.machinetype)
+        fizzle = mt.fizzle_seconds if mt else 0
+        message_file = record.directory / "joboutputs" / "shutdown_message"
+        message = _read_message(message_file)
+        ended = status.ended_at or self.clock()
+        outcome = decide_outcome(
+            message=message,
+            stop_reason=record.stop_reason,
+            exit_code=status.exit_code,
+            oom_killed=status.oom_killed,
+            lost=status.state is EngineState.MISSING,
+            lifetime=None if record.started is None else ended - record.started,
+            fizzle_seconds=fizzle,
+        )
+        if (
+            outcome.source is not OutcomeSource.PAYLOAD
+            and message is None
+            and message_file.parent.is_dir()
+        ):
+            # Vac wrote its own reason where the payload's would be; keep doing so for tools.
+            message_file.write_text(outcome.message + "\n")
+        self.store.transition(record.uuid, LmState.FINISHED, outcome=outcome, finished=ended)
+        if record.handle is not None:
+            backend.destroy(record.uuid, record.handle)
+        LOG.info(
+            "lm=%s machinetype=%s: finished: %s (%s)",
+            record.name,
+            record.machinetype,
+            outcome.message,
+            outcome.source,
+        )
+
+    def _reconcile(self, report: PassReport) -> None:
+        """Inspect every active LM, and remove labelled engine objects nobody owns."""
+        active = {record.uuid: record for record in self.store.active()}
+        for record in active.values():
+            if record.handle is not None and record.state in (LmState.RUNNING, LmState.STOPPING):
+                self._check(record, report)
+        now = self.clock()
+        for backend in self.backends.values():
+            for owned in backend.list_owned():
+                if owned.factory != self.store.factory_id or owned.uuid in active:
+                    continue
+                known = self.store.get(owned.uuid)
+                first = self._orphans_seen.setdefault(owned.uuid, now)
+                if known is not None and not known.active:
+                    backend.destroy(owned.uuid, owned.handle)  # finished, destroy had failed
+                elif now - first >= self.tuning.orphan_grace_seconds:
+                    LOG.warning(
+                        "orphan %s (%s) of %s: no record; removing",
+                        owned.name,
+                        owned.uuid,
+                        backend.name,
+                    )
+                    backend.destroy(owned.uuid, owned.handle)
+                    self._orphans_seen.pop(owned.uuid, None)
+                else:
+                    LOG.warning(
+                        "orphan %s (%s) of %s: no record; removal after grace",
+                        owned.name,
+                        owned.uuid,
+                        backend.name,
+                    )
+
+    def _handle_requests(self, report: PassReport) -> None:
+        for uuid, action, grace in self.store.take_requests():
+            record = self.store.get(uuid)
+            if record is None or not record.active or record.handle is None:
+                continue
+            force = action == "kill"
+            self._stop(record, operator_outcome(force), grace=0 if force else grace)
+            report.stopping.append(record.name)
+
+    def _stop(self, record: LmRecord, reason: Outcome, *, grace: float | None = None) -> None:
+        """Ask an LM to stop; it is killed when its grace period runs out."""
+        backend = self.backends.get(record.backend)
+        if backend is None or record.handle is None:
+            return
+        mt = self.config.machinetypes.get(record.machinetype)
+        seconds = grace if grace is not None else (mt.stop_grace_seconds if mt else 60)
+        if record.state is not LmState.STOPPING:
+            record = self.store.transition(
+                record.uuid,
+                LmState.STOPPING,
+                stop_reason=reason,
+                stop_deadline=self.clock() + seconds,
+            )
+        assert record.handle is not None
+        backend.stop(record.uuid, record.handle, force=seconds <= 0)
+        LOG.info("lm=%s: stopping (%s), kill after %.0f s", record.name, reason.message, seconds)
+
+    def _enforce(self, report: PassReport) -> None:
+        """Shutdowntimes, heartbeat files, and grace periods that ran out."""
+        now = self.clock()
+        factory_end = self.config.factory.shutdown_time
+        for record in self.store.active():
+            if record.handle is None:
+                continue
+            if record.state is LmState.STOPPING:
+                if record.stop_deadline is not None and now >= record.stop_deadline:
+                    backend = self.backends.get(record.backend)
+                    if backend is not None:
+                        backend.stop(record.uuid, record.handle, force=True)
+                continue
+            if record.state is not LmState.RUNNING:
+                continue
+            if factory_end is not None and factory_end < record.shutdown_time:
+                payload.update_shutdowntime(record.directory, factory_end)
+                record = self.store.update(record.uuid, shutdown_time=factory_end)
+            if now >= record.shutdown_time:
+                self._stop(record, wallclock_outcome())
+                report.stopping.append(record.name)
+                continue
+            reason = self._heartbeat_problem(record, now)
+            if reason is not None:
+                self._stop(record, reason)
+                report.stopping.append(record.name)
+
+    def _heartbeat_problem(self, record: LmRecord, now: float) -> Outcome | None:
+        """Vac's rule (vac.md §3.6), with its grace after a daemon (re)start."""
+        mt = self.config.machinetypes.get(record.machinetype)
+        if (
+            mt is None
+            or mt.heartbeat_file is None
+            or mt.fizzle_seconds <= 0
+            or record.started is None
+        ):
+            return None
+        if now - record.started < mt.fizzle_seconds or now - self.started_at < mt.fizzle_seconds:
+            return None
+        beat = record.directory / "joboutputs" / mt.heartbeat_file
+        try:
+            age = now - beat.stat().st_mtime
+        except FileNotFoundError:
+            return heartbeat_outcome(created=False)
+        if mt.heartbeat_seconds > 0 and age > mt.heartbeat_seconds:
+            return heartbeat_outcome(created=True)
+        return None
+
+    # --- starting ----------------------------------------------------------------------------
+
+    def _start_lms(self, report: PassReport) -> None:
+        now = self.clock()
+        active = self.store.active()
+        running = [
+            slots.RunningLm(
+                r.machinetype, r.processors, r.hs06, r.shutdown_time, r.created, r.started
+            )
+            for r in active
+        ]
+        histories = self._histories()
+        decisions = slots.plan(
+            self.config,
+            running,
+            histories,
+            now=now,
+            load_average=self.load_average(),
+            counted_cpus=os.cpu_count() or 1,
+            rng=self.rng,
+            max_starts=self.tuning.max_starts_per_pass,
+        )
+        if isinstance(decisions, slots.Blocked):
+            report.blocked = decisions.reason
+            return
+        free = self.store.free_slots(self.config.factory.total_processors)
+        for decision, slot in zip(decisions, free, strict=False):
+            name = self._start(decision, slot)
+            if name:
+                report.started.append(name)
+
+    def _histories(self) -> dict[str, slots.TypeHistory]:
+        """Vac's backoff input: the end of the most recently created finished LM, if an abort."""
+        out: dict[str, slots.TypeHistory] = {}
+        for name, record in self.store.last_finished(self.config.machinetypes).items():
+            aborted = record.outcome is not None and record.outcome.abort
+            out[name] = slots.TypeHistory(last_abort=record.finished if aborted else None)
+        return out
+
+    def _start(self, decision: slots.StartDecision, slot: int) -> str | None:
+        mt = self.config.machinetypes[decision.machinetype]
+        backend = self.backends.get(mt.backend.value)
+        if backend is None:
+            LOG.error("machinetype=%s: backend %s not available", mt.name, mt.backend.value)
+            return None
+        factory = self.config.factory
+        created = self.clock()
+        name = payload.lm_name(factory.hostname, slot)
+        identity = payload.LmIdentity(name=name, uuid=str(uuid_mod.uuid4()), machinetype=mt.name)
+        directory = factory.state_dir / "machines" / f"{int(created)}_{mt.name}_{name}"
+        limits = payload.limits_for(self.config, mt, decision.processors)
+        record = self.store.insert(
+            LmRecord(
+                uuid=identity.uuid,
+                name=name,
+                machinetype=mt.name,
+                backend=backend.name,
+                slot=slot,
+                processors=decision.processors,
+                limits=limits,
+                hs06=(factory.hs06_per_processor or 1.0) * decision.processors,
+                shutdown_time=decision.shutdown_time,
+                directory=directory,
+                created=created,
+            )
+        )
+        try:
+            owner = self._owner(backend)
+            prepared = payload.prepare(
+                self.config,
+                mt,
+                identity,
+                placement=backend.placement,
+                processors=decision.processors,
+                created=int(created),
+                shutdown_time=decision.shutdown_time,
+                lm_dir=directory,
+                owner=owner,
+            )
+            spec = self._spec(mt, identity, prepared, owner)
+            backend.validate(spec)
+            self.store.transition(record.uuid, LmState.STARTING)
+            handle = backend.start(spec)
+        except LmrunnerError as err:
+            LOG.error("lm=%s machinetype=%s: start failed: %s", name, mt.name, err)
+            self.store.transition(
+                record.uuid,
+                LmState.FAILED,
+                outcome=start_failed_outcome(str(err)),
+                finished=self.clock(),
+            )
+            return None
+        self.store.transition(record.uuid, LmState.RUNNING, handle=handle, started=self.clock())
+        LOG.info(
+            "lm=%s machinetype=%s processors=%d: started (%s)",
+            name,
+            mt.name,
+            decision.processors,
+            decision.reason,
+        )
+        return name
+
+    def _owner(self, backend: Backend) -> tuple[int, int]:
+        if not backend.runs_as_sc_user:
+            return (os.getuid(), os.getgid())
+        try:
+            account = pwd.getpwnam(self.config.factory.sc_user)
+        except KeyError as err:
+            raise LmrunnerError(
+                f"factory.sc_user: no account {self.config.factory.sc_user!r}"
+            ) from err
+        return (account.pw_uid, account.pw_gid)
+
+    def _spec(
+        self,
+        mt: MachinetypeConfig,
+        identity: payload.LmIdentity,
+        prepared: payload.Prepared,
+        owner: tuple[int, int],
+    ) -> MachineSpec:
+        return MachineSpec(
+            uuid=identity.uuid,
+            name=identity.name,
+            machinetype=mt.name,
+            image=mt.image,
+            command=(mt.container_command,),
+            limits=prepared.limits,
+            mounts=prepared.mounts,
+            env=prepared.env,
+            labels={
+                LABEL_FACTORY: self.store.factory_id,
+                LABEL_NAME: identity.name,
+                LABEL_UUID: identity.uuid,
+            },
+            directory=prepared.directory,
+            owner=owner,
+            stop_grace_seconds=mt.stop_grace_seconds,
+        )
+
+    # --- housekeeping ---------------------------------------------------------------------------
+
+    def cleanup_directories(self) -> list[Path]:
+        """Remove LM directories older than their machinetype's ``machines_dir_days``."""
+        removed = []
+        now = self.clock()
+        for record in self.store.finished_since(0):
+            if record.cleaned or record.finished is None:
+                continue
+            mt = self.config.machinetypes.get(record.machinetype)
+            days = mt.machines_dir_days if mt else 3.0
+            if days > 0 and now - record.finished > days * 86400:
+                shutil.rmtree(record.directory, ignore_errors=True)
+                self.store.update(record.uuid, cleaned=True)
+                removed.append(record.directory)
+        return removed
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    def next_wait(self) -> float:
+        """Seconds until something is due (an event wakes the loop earlier)."""
+        now = self.clock()
+        deadlines = [self._next_reconcile, now + self.tuning.idle_wait_seconds]
+        for record in self.store.active():
+            if record.state is LmState.STOPPING and record.stop_deadline is not None:
+                deadlines.append(record.stop_deadline)
+            elif record.state is LmState.RUNNING:
+                deadlines.append(record.shutdown_time)
+        return max(min(deadlines) - now, 0.0)
+
+    def run(self, *, once: bool = False) -> None:
+        """Adopt, then handle events and deadlines until :meth:`request_stop` (SIGTERM)."""
+        self.adopt()
+        while True:
+            report = self.run_pass()
+            if report.started or report.finished:
+                LOG.info("pass: started %s, finished %s", report.started, report.finished)
+            if once or self.stopping_requested.is_set():
+                return
+            try:
+                uuid = self.events.get(timeout=self.next_wait())
+            except queue.Empty:
+                continue
+            self.events.put(uuid)  # handled by the next pass with everything else that is due
+
+    def request_stop(self) -> None:
+        """Stop starting LMs and leave the loop; running LMs keep running (SIGTERM)."""
+        self.stopping_requested.set()
+        self.events.put("")
+
+    def close(self) -> None:
+        for backend in self.backends.values():
+            backend.close()
+
+
+def _read_message(path: Path) -> str | None:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    return text if text.strip() else None

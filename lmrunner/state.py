@@ -1,0 +1,349 @@
+"""The state store: one SQLite database (WAL) per factory, the only source of truth about LMs.
+
+Per-LM directories hold only what is mounted into the LM. Every change of an LM's state goes
+through :meth:`Store.transition`, which checks the transition table inside a write transaction.
+The schema is versioned; :data:`MIGRATIONS` brings an older database up to date when opened.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid as uuid_mod
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from lmrunner.backends.base import Handle
+from lmrunner.errors import LmrunnerError
+from lmrunner.lifecycle import ACTIVE, LmState, Outcome, check_transition
+from lmrunner.model import Limits
+
+DB_NAME = "lmrunner.db"
+
+
+class StoreError(LmrunnerError):
+    """The state database cannot be opened or is from a newer lmrunner."""
+
+
+@dataclass(frozen=True, slots=True)
+class LmRecord:
+    """One LM, as stored."""
+
+    uuid: str
+    name: str
+    machinetype: str
+    backend: str
+    slot: int
+    processors: int
+    limits: Limits
+    hs06: float  # for shares: processors x hs06_per_processor (x 1.0 when unset)
+    shutdown_time: int
+    directory: Path
+    created: float
+    state: LmState = LmState.CREATING
+    started: float | None = None
+    finished: float | None = None
+    handle: Handle | None = None
+    cgroup: str | None = None
+    outcome: Outcome | None = None
+    stop_reason: Outcome | None = None  # why lmrunner is stopping it (wins over an exit status)
+    stop_deadline: float | None = None  # when a graceful stop turns into a kill
+    cpu_seconds: float | None = None
+    memory_peak_bytes: int | None = None
+    cleaned: bool = False  # its directory was removed after machines_dir_days
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+
+def _create_v1(db: sqlite3.Connection) -> None:
+    db.executescript(
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE lms (
+            uuid TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            machinetype TEXT NOT NULL,
+            backend TEXT NOT NULL,
+            slot INTEGER NOT NULL,
+            processors INTEGER NOT NULL,
+            limits TEXT NOT NULL,
+            hs06 REAL NOT NULL,
+            shutdown_time INTEGER NOT NULL,
+            directory TEXT NOT NULL,
+            created REAL NOT NULL,
+            state TEXT NOT NULL,
+            started REAL,
+            finished REAL,
+            handle TEXT,
+            cgroup TEXT,
+            outcome TEXT,
+            stop_reason TEXT,
+            stop_deadline REAL,
+            cpu_seconds REAL,
+            memory_peak_bytes INTEGER,
+            cleaned INTEGER NOT NULL DEFAULT 0,
+            updated REAL NOT NULL
+        );
+        -- Never two active LMs in one slot, whatever a crash left behind.
+        CREATE UNIQUE INDEX lms_active_slot ON lms(slot)
+            WHERE state IN ('creating', 'starting', 'running', 'stopping');
+        CREATE INDEX lms_state ON lms(state);
+        CREATE INDEX lms_type_created ON lms(machinetype, created);
+        CREATE TABLE requests (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            uuid TEXT NOT NULL,
+            action TEXT NOT NULL,
+            grace REAL,
+            created REAL NOT NULL
+        );
+        """
+    )
+
+
+#: MIGRATIONS[n] takes a database from schema version n to n + 1.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_JSON_FIELDS = {"limits", "handle", "outcome", "stop_reason"}
+_COLUMNS = [f.name for f in fields(LmRecord)]
+
+
+class Store:
+    """The factory's database. One instance per thread (SQLite connections are not shared)."""
+
+    def __init__(self, state_dir: Path, *, readonly: bool = False) -> None:
+        self.path = state_dir / DB_NAME
+        try:
+            if readonly:
+                self.db = sqlite3.connect(
+                    f"file:{self.path}?mode=ro", uri=True, isolation_level=None
+                )
+            else:
+                state_dir.mkdir(parents=True, exist_ok=True)
+                self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints
+        except sqlite3.Error as err:
+            raise StoreError(f"{self.path}: cannot open the state database: {err}") from err
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA busy_timeout=30000")
+        if not readonly:
+            self._migrate()
+        elif self.schema_version() != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema {self.schema_version()}, expected {SCHEMA_VERSION}"
+            )
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- schema ---------------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        with self.write():
+            version = self.schema_version()
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path}: schema version {version} is newer than this lmrunner "
+                    f"({SCHEMA_VERSION}); refusing to touch it"
+                )
+            for step in MIGRATIONS[version:]:
+                step(self.db)
+            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if self.meta("factory_id") is None:
+                self.set_meta("factory_id", str(uuid_mod.uuid4()))
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        """One write transaction (BEGIN IMMEDIATE: no other writer can interleave)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # --- meta -----------------------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        if value is None:
+            self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
+        else:
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    @property
+    def factory_id(self) -> str:
+        value = self.meta("factory_id")
+        assert value is not None, "migrations set factory_id"
+        return value
+
+    # --- LMs ------------------------------------------------------------------------------
+
+    def insert(self, record: LmRecord) -> LmRecord:
+        row = _to_row(record)
+        row["updated"] = time.time()
+        names = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        try:
+            with self.write():
+                self.db.execute(f"INSERT INTO lms ({names}) VALUES ({marks})", tuple(row.values()))
+        except sqlite3.IntegrityError as err:
+            raise StoreError(f"slot {record.slot} is already taken by an active LM") from err
+        return record
+
+    def get(self, uuid: str) -> LmRecord | None:
+        row = self.db.execute("SELECT * FROM lms WHERE uuid = ?", (uuid,)).fetchone()
+        return None if row is None else _from_row(row)
+
+    def by_name(self, name: str) -> LmRecord | None:
+        """The newest LM with this name (names are reused slot by slot)."""
+        row = self.db.execute(
+            "SELECT * FROM lms WHERE name = ? ORDER BY created DESC LIMIT 1", (name,)
+        ).fetchone()
+        return None if row is None else _from_row(row)
+
+    def active(self) -> list[LmRecord]:
+        marks = ", ".join("?" for _ in ACTIVE)
+        rows = self.db.execute(
+            f"SELECT * FROM lms WHERE state IN ({marks}) ORDER BY slot",
+            tuple(s.value for s in ACTIVE),
+        )
+        return [_from_row(row) for row in rows]
+
+    def recent(self, limit: int | None = None) -> list[LmRecord]:
+        """Every LM, newest first (``limit`` of them)."""
+        sql = "SELECT * FROM lms ORDER BY created DESC"
+        rows = self.db.execute(sql + (" LIMIT ?" if limit else ""), (limit,) if limit else ())
+        return [_from_row(row) for row in rows]
+
+    def finished_since(self, since: float) -> list[LmRecord]:
+        rows = self.db.execute(
+            "SELECT * FROM lms WHERE finished IS NOT NULL AND finished >= ? ORDER BY finished",
+            (since,),
+        )
+        return [_from_row(row) for row in rows]
+
+    def transition(self, uuid: str, new: LmState, **changes: Any) -> LmRecord:
+        """Move an LM to ``new`` (checked against the transition table) and apply ``changes``."""
+        with self.write():
+            current = self.get(uuid)
+            if current is None:
+                raise StoreError(f"no LM with uuid {uuid}")
+            check_transition(current.state, new)
+            updated = replace(current, state=new, **changes)
+            self._update(updated)
+        return updated
+
+    def update(self, uuid: str, **changes: Any) -> LmRecord:
+        """Change fields of an LM without changing its state."""
+        if "state" in changes:
+            raise ValueError("use transition() to change an LM's state")
+        with self.write():
+            current = self.get(uuid)
+            if current is None:
+                raise StoreError(f"no LM with uuid {uuid}")
+            updated = replace(current, **changes)
+            self._update(updated)
+        return updated
+
+    def _update(self, record: LmRecord) -> None:
+        row = _to_row(record)
+        row["updated"] = time.time()
+        assignments = ", ".join(f"{key} = ?" for key in row if key != "uuid")
+        values = [value for key, value in row.items() if key != "uuid"]
+        self.db.execute(f"UPDATE lms SET {assignments} WHERE uuid = ?", (*values, record.uuid))
+
+    def free_slots(self, count: int) -> list[int]:
+        """Slot numbers below ``count`` that no active LM holds, lowest first."""
+        used = {record.slot for record in self.active()}
+        return [slot for slot in range(count) if slot not in used]
+
+    def last_finished(self, machinetypes: Iterable[str]) -> dict[str, LmRecord]:
+        """Per machinetype, its most recently *created* LM that has ended (Vac's finishes/)."""
+        out: dict[str, LmRecord] = {}
+        for name in machinetypes:
+            row = self.db.execute(
+                "SELECT * FROM lms WHERE machinetype = ? AND state IN ('finished', 'failed') "
+                "ORDER BY created DESC LIMIT 1",
+                (name,),
+            ).fetchone()
+            if row is not None:
+                out[name] = _from_row(row)
+        return out
+
+    # --- requests from the command line to the daemon --------------------------------------
+
+    def add_request(self, uuid: str, action: str, grace: float | None = None) -> None:
+        with self.write():
+            self.db.execute(
+                "INSERT INTO requests (uuid, action, grace, created) VALUES (?, ?, ?, ?)",
+                (uuid, action, grace, time.time()),
+            )
+
+    def take_requests(self) -> list[tuple[str, str, float | None]]:
+        with self.write():
+            rows = self.db.execute(
+                "SELECT id, uuid, action, grace FROM requests ORDER BY id"
+            ).fetchall()
+            self.db.execute("DELETE FROM requests")
+        return [(row["uuid"], row["action"], row["grace"]) for row in rows]
+
+
+def _to_row(record: LmRecord) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for name in _COLUMNS:
+        value = getattr(record, name)
+        if name == "limits":
+            value = json.dumps(
+                {
+                    "processors": value.processors,
+                    "memory_bytes": value.memory_bytes,
+                    "swap_bytes": value.swap_bytes,
+                    "disk_bytes": value.disk_bytes,
+                    "hs06": value.hs06,
+                }
+            )
+        elif name in _JSON_FIELDS:
+            value = None if value is None else json.dumps(value.to_json())
+        elif name == "state":
+            value = value.value
+        elif name == "directory":
+            value = str(value)
+        elif name == "cleaned":
+            value = int(value)
+        row[name] = value
+    return row
+
+
+def _from_row(row: sqlite3.Row) -> LmRecord:
+    values: dict[str, Any] = {}
+    for name in _COLUMNS:
+        value = row[name]
+        if name == "limits":
+            value = Limits(**json.loads(value))
+        elif name == "handle":
+            value = None if value is None else Handle.from_json(json.loads(value))
+        elif name in ("outcome", "stop_reason"):
+            value = None if value is None else Outcome.from_json(json.loads(value))
+        elif name == "state":
+            value = LmState(value)
+        elif name == "directory":
+            value = Path(value)
+        elif name == "cleaned":
+            value = bool(value)
+        values[name] = value
+    return LmRecord(**values)
