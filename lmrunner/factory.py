@@ -19,7 +19,7 @@ import threading
 import time
 import uuid as uuid_mod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lmrunner import payload, slots
@@ -334,9 +334,12 @@ class Factory:
             )
             for r in active
         ]
-        histories = self._histories()
+        histories = self.histories()
+        config = self.config
+        if self.store.meta("draining") == "1":  # `lmrunner drain`, on top of the configuration
+            config = replace(config, factory=replace(config.factory, draining=True))
         decisions = slots.plan(
-            self.config,
+            config,
             running,
             histories,
             now=now,
@@ -354,7 +357,7 @@ class Factory:
             if name:
                 report.started.append(name)
 
-    def _histories(self) -> dict[str, slots.TypeHistory]:
+    def histories(self) -> dict[str, slots.TypeHistory]:
         """Vac's backoff input: the end of the most recently created finished LM, if an abort."""
         out: dict[str, slots.TypeHistory] = {}
         for name, record in self.store.last_finished(self.config.machinetypes).items():
@@ -372,7 +375,10 @@ class Factory:
         created = self.clock()
         name = payload.lm_name(factory.hostname, slot)
         identity = payload.LmIdentity(name=name, uuid=str(uuid_mod.uuid4()), machinetype=mt.name)
-        directory = factory.state_dir / "machines" / f"{int(created)}_{mt.name}_{name}"
+        # Vac's <created>_<machinetype>_<name>, plus the uuid: names are reused within a second.
+        directory = (
+            factory.state_dir / "machines" / f"{int(created)}_{mt.name}_{name}_{identity.uuid[:8]}"
+        )
         limits = payload.limits_for(self.config, mt, decision.processors)
         record = self.store.insert(
             LmRecord(
@@ -406,7 +412,7 @@ class Factory:
             backend.validate(spec)
             self.store.transition(record.uuid, LmState.STARTING)
             handle = backend.start(spec)
-        except LmrunnerError as err:
+        except (LmrunnerError, OSError) as err:
             LOG.error("lm=%s machinetype=%s: start failed: %s", name, mt.name, err)
             self.store.transition(
                 record.uuid,

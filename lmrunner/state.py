@@ -61,8 +61,20 @@ class LmRecord:
         return self.state in ACTIVE
 
 
+def _execute_script(db: sqlite3.Connection, script: str) -> None:
+    """Run ``;``-separated statements inside the caller's transaction.
+
+    Not ``executescript``: it COMMITs the open transaction first, which would leave a migration
+    half-applied (and the final COMMIT of :meth:`Store.write` failing).
+    """
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
 def _create_v1(db: sqlite3.Connection) -> None:
-    db.executescript(
+    _execute_script(
+        db,
         """
         CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
         CREATE TABLE lms (
@@ -102,7 +114,7 @@ def _create_v1(db: sqlite3.Connection) -> None:
             grace REAL,
             created REAL NOT NULL
         );
-        """
+        """,
     )
 
 
@@ -127,18 +139,26 @@ class Store:
             else:
                 state_dir.mkdir(parents=True, exist_ok=True)
                 self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-                self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints
         except sqlite3.Error as err:
             raise StoreError(f"{self.path}: cannot open the state database: {err}") from err
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA busy_timeout=30000")
-        if not readonly:
-            self._migrate()
-        elif self.schema_version() != SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path}: schema {self.schema_version()}, expected {SCHEMA_VERSION}"
-            )
+        try:
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA busy_timeout=30000")
+            if readonly:
+                if self.schema_version() != SCHEMA_VERSION:
+                    raise StoreError(
+                        f"{self.path}: schema {self.schema_version()}, expected {SCHEMA_VERSION}"
+                    )
+            else:
+                self._refuse_newer()  # before WAL, which would rewrite the file's header
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints
+                self._migrate()
+        except BaseException as err:
+            self.db.close()
+            if isinstance(err, sqlite3.Error):
+                raise StoreError(f"{self.path}: cannot open the state database: {err}") from err
+            raise
 
     def close(self) -> None:
         self.db.close()
@@ -148,14 +168,18 @@ class Store:
     def schema_version(self) -> int:
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
+    def _refuse_newer(self) -> None:
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema version {version} is newer than this lmrunner "
+                f"({SCHEMA_VERSION}); refusing to touch it"
+            )
+
     def _migrate(self) -> None:
         with self.write():
+            self._refuse_newer()  # again: another lmrunner may have migrated it meanwhile
             version = self.schema_version()
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path}: schema version {version} is newer than this lmrunner "
-                    f"({SCHEMA_VERSION}); refusing to touch it"
-                )
             for step in MIGRATIONS[version:]:
                 step(self.db)
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -227,7 +251,8 @@ class Store:
     def recent(self, limit: int | None = None) -> list[LmRecord]:
         """Every LM, newest first (``limit`` of them)."""
         sql = "SELECT * FROM lms ORDER BY created DESC"
-        rows = self.db.execute(sql + (" LIMIT ?" if limit else ""), (limit,) if limit else ())
+        limited = limit is not None
+        rows = self.db.execute(sql + (" LIMIT ?" if limited else ""), (limit,) if limited else ())
         return [_from_row(row) for row in rows]
 
     def finished_since(self, since: float) -> list[LmRecord]:

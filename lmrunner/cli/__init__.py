@@ -7,14 +7,14 @@ import sys
 from collections.abc import Sequence
 
 from lmrunner import __version__
-from lmrunner.cli import check, reference, userdata, vacimport
+from lmrunner.cli import check, control, daemon, ps, reference, userdata, vacimport
 from lmrunner.errors import ConfigError, LmrunnerError
 
 DESCRIPTION = (
     "lmrunner fills this host's processors with logical machines (Docker containers, "
     "Apptainer containers and QEMU virtual machines) for vacuum-model sites."
 )
-SUBCOMMANDS = (check, userdata, vacimport, reference)
+SUBCOMMANDS = (daemon, ps, control, check, userdata, vacimport, reference)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,18 +8,18 @@ from typing import Any
 
 import yaml
 
-from lmrunner.cli.common import add_config_option, load, pipe_summary
+from lmrunner.cli.common import common_options, load, pipe_summary
 from lmrunner.config import as_dict
 
 
 def add_parser(sub: Any) -> None:
     parser: argparse.ArgumentParser = sub.add_parser(
         "check",
+        parents=[common_options()],
         help="validate the configuration and print the effective configuration",
         description="Validate the configuration (every error on its own line, naming file, "
         "line and key) and print the effective configuration, Vacuum Pipes expanded, as YAML.",
     )
-    add_config_option(parser)
     parser.add_argument(
         "--refresh-pipes", action="store_true", help="fetch every Vacuum Pipe first"
     )
@@ -34,9 +34,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load(
-        args.config, refresh_pipes=args.refresh_pipes, check_files=not args.skip_file_checks
-    )
+    config = load(args, refresh_pipes=args.refresh_pipes, check_files=not args.skip_file_checks)
     for warning in config.warnings:
         print(f"lmrunner: warning: {warning}", file=sys.stderr)
     if args.quiet:

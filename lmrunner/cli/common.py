@@ -3,35 +3,86 @@
 from __future__ import annotations
 
 import argparse
+import os
+from dataclasses import replace
 from pathlib import Path
 
 from lmrunner.config import DEFAULT_CONFIG, Config, PipeConfig, load_config
+from lmrunner.errors import LmrunnerError
 from lmrunner.pipes import PipeStore
+from lmrunner.state import DB_NAME, Store
 
 
-def add_config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+def common_options() -> argparse.ArgumentParser:
+    """--config and --state-dir, accepted by every subcommand (several factories side by side)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    default = Path(os.environ.get("LMRUNNER_CONFIG", str(DEFAULT_CONFIG)))
+    parent.add_argument(
         "--config",
         type=Path,
-        default=DEFAULT_CONFIG,
+        default=default,
         metavar="PATH",
-        help=f"configuration file; conf.d/*.yaml beside it are merged (default {DEFAULT_CONFIG})",
+        help=f"configuration file; conf.d/*.yaml beside it are merged "
+        f"(default: $LMRUNNER_CONFIG or {DEFAULT_CONFIG})",
     )
+    parent.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="state directory, overriding the configured factory.state_dir",
+    )
+    return parent
 
 
-def pipe_store(state_dir: Path) -> PipeStore:
-    return PipeStore(state_dir / "pipescache")
-
-
-def load(path: Path, *, refresh_pipes: bool = False, check_files: bool = True) -> Config:
+def load(
+    args: argparse.Namespace, *, refresh_pipes: bool = False, check_files: bool = True
+) -> Config:
     """Load the configuration with the pipes' cached documents (refreshed first if asked)."""
-    bare = load_config(path, check_files=False)
-    store = pipe_store(bare.factory.state_dir)
+    bare = _with_state_dir(load_config(args.config, check_files=False), args.state_dir)
+    store = PipeStore(bare.factory.state_dir / "pipescache")
     if refresh_pipes:
         for pipe in bare.pipes.values():
             result = store.refresh(pipe, force=True)
             print(f"lmrunner: pipe {pipe.name}: {result.status}: {result.detail}")
-    return load_config(path, pipe_documents=store.documents(bare.pipes), check_files=check_files)
+    config = load_config(
+        args.config, pipe_documents=store.documents(bare.pipes), check_files=check_files
+    )
+    return _with_state_dir(config, args.state_dir)
+
+
+def _with_state_dir(config: Config, state_dir: Path | None) -> Config:
+    if state_dir is None:
+        return config
+    return replace(config, factory=replace(config.factory, state_dir=state_dir.absolute()))
+
+
+def state_dir(args: argparse.Namespace) -> Path:
+    """--state-dir, else the configured one (so read-only commands work without a config)."""
+    if args.state_dir is not None:
+        return Path(args.state_dir)
+    return load_config(args.config, check_files=False).factory.state_dir
+
+
+def open_store(args: argparse.Namespace, *, readonly: bool = True) -> Store:
+    directory = state_dir(args)
+    if readonly and not (directory / DB_NAME).exists():
+        raise LmrunnerError(f"{directory}: no state database yet (has the daemon ever run?)")
+    return Store(directory, readonly=readonly)
+
+
+def daemon_pid(store: Store) -> int | None:
+    """The pid of a live daemon on this state directory, if any."""
+    value = store.meta("daemon_pid")
+    if value is None:
+        return None
+    try:
+        os.kill(int(value), 0)
+    except (ProcessLookupError, ValueError):
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return int(value)
 
 
 def pipe_summary(config: Config, pipe: PipeConfig) -> str:

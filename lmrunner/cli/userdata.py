@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from lmrunner.backends import PLACEMENTS
-from lmrunner.cli.common import add_config_option, load
+from lmrunner.cli.common import common_options, load
 from lmrunner.payload import (
     lm_name,
     make_proxy,
@@ -22,13 +22,13 @@ from lmrunner.payload import (
 def add_parser(sub: Any) -> None:
     parser: argparse.ArgumentParser = sub.add_parser(
         "user-data",
+        parents=[common_options()],
         help="print the templated user_data an LM of a machinetype would get now",
         description="Render the machinetype's user_data template exactly as a new LM of that "
         "type would get it now (with a preview LM name and uuid), without starting anything. "
         "Secrets (proxies, file contents, options named like passwords or keys) are masked.",
     )
     parser.add_argument("machinetype", help="name of the machinetype")
-    add_config_option(parser)
     parser.add_argument(
         "--show-secrets", action="store_true", help="show secrets (and make the x509 proxy)"
     )
@@ -36,7 +36,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load(args.config)
+    config = load(args)
     mt = config.machinetypes.get(args.machinetype)
     if mt is None:
         known = ", ".join(config.machinetypes) or "none"

@@ -1,0 +1,95 @@
+"""``lmrunner stop|kill|drain|undrain|logs``: act on LMs and the factory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from lmrunner.cli.common import common_options, daemon_pid, open_store
+from lmrunner.errors import LmrunnerError
+from lmrunner.state import LmRecord, Store
+
+
+def add_parser(sub: Any) -> None:
+    for action, text in (
+        ("stop", "stop an LM gracefully (then kill after its grace period)"),
+        ("kill", "kill an LM at once"),
+    ):
+        parser: argparse.ArgumentParser = sub.add_parser(
+            action, parents=[common_options()], help=text
+        )
+        parser.add_argument("name", help="the LM's name (see lmrunner ps)")
+        if action == "stop":
+            parser.add_argument(
+                "--grace",
+                type=float,
+                default=None,
+                metavar="SECONDS",
+                help="grace period (default: the machinetype's stop_grace_seconds)",
+            )
+        parser.set_defaults(run=run_stop, action=action)
+    for action, text in (
+        ("drain", "start no new LMs (running ones continue)"),
+        ("undrain", "start LMs again after drain"),
+    ):
+        parser = sub.add_parser(action, parents=[common_options()], help=text)
+        parser.set_defaults(run=run_drain, action=action)
+    parser = sub.add_parser("logs", parents=[common_options()], help="show the logs an LM left")
+    parser.add_argument("name", help="the LM's name (see lmrunner ps)")
+    parser.set_defaults(run=run_logs)
+
+
+def find(store: Store, name: str) -> LmRecord:
+    record = store.by_name(name)
+    if record is None:
+        names = sorted({r.name for r in store.active()})
+        raise LmrunnerError(f"no LM named {name!r} (active: {', '.join(names) or 'none'})")
+    return record
+
+
+def run_stop(args: argparse.Namespace) -> int:
+    store = open_store(args, readonly=False)
+    try:
+        record = find(store, args.name)
+        if not record.active:
+            raise LmrunnerError(f"{record.name} is not active ({record.state.value})")
+        store.add_request(record.uuid, args.action, getattr(args, "grace", None))
+        if daemon_pid(store) is None:
+            print(
+                f"lmrunner: {args.action} of {record.name} queued; no daemon runs on "
+                f"{store.path.parent}, it acts when started",
+                file=sys.stderr,
+            )
+        else:
+            print(f"{args.action} requested for {record.name}")
+    finally:
+        store.close()
+    return 0
+
+
+def run_drain(args: argparse.Namespace) -> int:
+    store = open_store(args, readonly=False)
+    try:
+        store.set_meta("draining", "1" if args.action == "drain" else None)
+    finally:
+        store.close()
+    print("draining: no new LMs" if args.action == "drain" else "not draining")
+    return 0
+
+
+def run_logs(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    try:
+        record = find(store, args.name)
+    finally:
+        store.close()
+    shown = 0
+    for path in sorted([*record.directory.glob("*.log"), *record.directory.glob("joboutputs/*")]):
+        if path.is_file():
+            print(f"==> {path} <==")
+            sys.stdout.write(path.read_text(errors="replace"))
+            shown += 1
+    if shown == 0:
+        print(f"lmrunner: {record.name} left no logs in {record.directory}", file=sys.stderr)
+    return 0

@@ -1,0 +1,138 @@
+"""``lmrunner daemon``: run the factory in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from types import FrameType
+from typing import Any
+
+from lmrunner import slots
+from lmrunner.backends import make_backends
+from lmrunner.cli.common import common_options, load
+from lmrunner.config import Config
+from lmrunner.errors import ConfigError
+from lmrunner.factory import Factory, Tuning
+from lmrunner.state import Store
+
+LOG = logging.getLogger("lmrunner.daemon")
+DEFAULTS = Tuning()
+
+
+def add_parser(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "daemon",
+        parents=[common_options()],
+        help="run the factory in the foreground",
+        description="Run the factory: adopt running LMs, start new ones, notice their ends. "
+        "Logs go to stderr. SIGHUP reloads the configuration (a bad file keeps the old one and "
+        "says why); SIGTERM or SIGINT stop starting LMs and exit, leaving running LMs running.",
+    )
+    parser.add_argument("--once", action="store_true", help="do one pass, then exit")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print what would be started now, start nothing"
+    )
+    parser.add_argument(
+        "--max-starts",
+        type=int,
+        default=DEFAULTS.max_starts_per_pass,
+        metavar="N",
+        help=f"LMs started per pass at most (default {DEFAULTS.max_starts_per_pass})",
+    )
+    parser.add_argument(
+        "--reconcile",
+        type=float,
+        default=DEFAULTS.reconcile_seconds,
+        metavar="SECONDS",
+        help=f"full reconcile period (default {DEFAULTS.reconcile_seconds:g})",
+    )
+    parser.set_defaults(run=run)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging()
+    config = load(args)
+    for warning in config.warnings:
+        LOG.warning("%s", warning)
+    store = Store(config.factory.state_dir)
+    if args.dry_run:
+        return _dry_run(config, store)
+    names = {mt.backend.value for mt in config.machinetypes.values()}
+    backends = make_backends(names, config.factory.state_dir)
+    for name in sorted(names - set(backends)):
+        LOG.error(
+            "backend=%s: not available in this lmrunner; its machinetypes will not start", name
+        )
+    for backend in backends.values():
+        probe = backend.probe()
+        LOG.info(
+            "backend=%s health=%s version=%s %s",
+            backend.name,
+            probe.health,
+            probe.version,
+            probe.detail,
+        )
+    tuning = Tuning(max_starts_per_pass=args.max_starts, reconcile_seconds=args.reconcile)
+    factory = Factory(config, store, backends, tuning=tuning)
+
+    def reload(signum: int, frame: FrameType | None) -> None:
+        try:
+            new = load(args)
+        except ConfigError as err:
+            for line in err.errors:
+                LOG.error("reload refused, keeping the running configuration: %s", line)
+            return
+        factory.config = new
+        LOG.info("configuration reloaded from %s", ", ".join(map(str, new.files)))
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        LOG.info("signal %d: no new LMs; exiting, running LMs keep running", signum)
+        factory.request_stop()
+
+    signal.signal(signal.SIGHUP, reload)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    store.set_meta("daemon_pid", str(os.getpid()))
+    try:
+        factory.run(once=args.once)
+    finally:
+        store.set_meta("daemon_pid", None)
+        factory.close()
+    return 0
+
+
+def _dry_run(config: Config, store: Store) -> int:
+    factory = Factory(config, store, {})
+    active = store.active()
+    running = [
+        slots.RunningLm(r.machinetype, r.processors, r.hs06, r.shutdown_time, r.created, r.started)
+        for r in active
+    ]
+    decisions = slots.plan(
+        config,
+        running,
+        factory.histories(),
+        now=factory.clock(),
+        load_average=os.getloadavg(),
+        counted_cpus=os.cpu_count() or 1,
+        rng=factory.rng,
+        max_starts=config.factory.total_processors,
+    )
+    if isinstance(decisions, slots.Blocked):
+        print(f"nothing would start: {decisions.reason}")
+        return 0
+    for decision in decisions:
+        processors = f"{decision.processors} processors"
+        print(f"would start {decision.machinetype} with {processors} ({decision.reason})")
+    return 0
