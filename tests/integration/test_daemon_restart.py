@@ -8,6 +8,7 @@ engine object is left without a record, and no slot ever held two LMs.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import signal
@@ -113,7 +114,7 @@ def test_sigkill_at_ten_points_loses_and_duplicates_nothing(tmp_path: Path) -> N
         by_slot.setdefault(record.slot, []).append((record.created, record.finished))
     for intervals in by_slot.values():
         intervals.sort()
-        for (_, end), (start, _) in zip(intervals, intervals[1:], strict=False):
+        for (_, end), (start, _) in itertools.pairwise(intervals):
             assert start >= end - 0.05, intervals
     outcomes: dict[str, int] = {}
     for record in records:
