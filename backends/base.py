@@ -15,7 +15,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from lmrunner.model import Limits, Mount, Placement
+from lmrunner.model import Handle, Limits, Mount, Placement
+
+__all__ = ["Handle"]  # defined with the other shared value types; part of this contract
 
 #: Labels on every engine object an LM creates, so nothing is ever found by guessing names.
 LABEL_FACTORY = "org.lmrunner.factory"
@@ -56,21 +58,6 @@ class MachineSpec:
     options: Mapping[str, Any] = field(
         default_factory=dict
     )  # backend-specific, checked by validate
-
-
-@dataclass(frozen=True, slots=True)
-class Handle:
-    """What a backend needs to find its LM again after a daemon restart (persisted as JSON)."""
-
-    version: int
-    data: Mapping[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "data": dict(self.data)}
-
-    @classmethod
-    def from_json(cls, value: Mapping[str, Any]) -> Handle:
-        return cls(int(value["version"]), dict(value["data"]))
 
 
 class EngineState(StrEnum):

@@ -18,11 +18,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import lmrunner
 from lmrunner.errors import ConfigError
 from lmrunner.schema import REQUIRED, Problems, build, option, unknown_key_message
 from lmrunner.yamlsrc import Located, Where, load_yaml
 
-DEFAULT_CONFIG = Path("/etc/lmrunner/lmrunner.yaml")
+DEFAULT_CONFIG = Path(lmrunner.DEFAULT_CONFIG)
 SECTIONS = ("factory", "machinetypes", "vacuum_pipes")
 NAME_PATTERN = r"[a-z0-9][a-z0-9-]*"
 NAME_TEXT = "a name of lower-case letters, digits and '-'"

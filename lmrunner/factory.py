@@ -96,6 +96,7 @@ class Factory:
         self.started_at = clock()
         self._orphans_seen: dict[str, float] = {}
         self._next_reconcile = 0.0
+        self._deadline = 0.0
 
     # --- start-up and adoption -------------------------------------------------------------
 
@@ -152,9 +153,12 @@ class Factory:
         if now >= self._next_reconcile:
             self._reconcile(report)
             self._next_reconcile = now + self.tuning.reconcile_seconds
-        self._enforce(report)
+        # One read of the active LMs serves enforcement, planning and the next wait: this pass
+        # runs after every exit, and the table can hold thousands of LMs.
+        active = self._enforce(report, self.store.active())
         if not self.stopping_requested.is_set():
-            self._start_lms(report)
+            active += self._start_lms(report, active)
+        self._deadline = self._next_deadline(active)
         return report
 
     def _handle_events(self, report: PassReport) -> None:
@@ -257,11 +261,11 @@ class Factory:
             self._stop(record, operator_outcome(force), grace=0 if force else grace)
             report.stopping.append(record.name)
 
-    def _stop(self, record: LmRecord, reason: Outcome, *, grace: float | None = None) -> None:
+    def _stop(self, record: LmRecord, reason: Outcome, *, grace: float | None = None) -> LmRecord:
         """Ask an LM to stop; it is killed when its grace period runs out."""
         backend = self.backends.get(record.backend)
         if backend is None or record.handle is None:
-            return
+            return record
         mt = self.config.machinetypes.get(record.machinetype)
         seconds = grace if grace is not None else (mt.stop_grace_seconds if mt else 60)
         if record.state is not LmState.STOPPING:
@@ -274,12 +278,16 @@ class Factory:
         assert record.handle is not None
         backend.stop(record.uuid, record.handle, force=seconds <= 0)
         LOG.info("lm=%s: stopping (%s), kill after %.0f s", record.name, reason.message, seconds)
+        return record
 
-    def _enforce(self, report: PassReport) -> None:
-        """Shutdowntimes, heartbeat files, and grace periods that ran out."""
+    def _enforce(self, report: PassReport, active: list[LmRecord]) -> list[LmRecord]:
+        """Shutdowntimes, heartbeat files, and grace periods that ran out; returns ``active``
+        as it is afterwards."""
         now = self.clock()
         factory_end = self.config.factory.shutdown_time
-        for record in self.store.active():
+        out = []
+        for record in active:
+            out.append(record)
             if record.handle is None:
                 continue
             if record.state is LmState.STOPPING:
@@ -292,15 +300,13 @@ class Factory:
                 continue
             if factory_end is not None and factory_end < record.shutdown_time:
                 payload.update_shutdowntime(record.directory, factory_end)
-                record = self.store.update(record.uuid, shutdown_time=factory_end)
-            if now >= record.shutdown_time:
-                self._stop(record, wallclock_outcome())
-                report.stopping.append(record.name)
-                continue
-            reason = self._heartbeat_problem(record, now)
+                record = out[-1] = self.store.update(record.uuid, shutdown_time=factory_end)
+            reason = wallclock_outcome() if now >= record.shutdown_time else None
+            reason = reason or self._heartbeat_problem(record, now)
             if reason is not None:
-                self._stop(record, reason)
+                out[-1] = self._stop(record, reason)
                 report.stopping.append(record.name)
+        return out
 
     def _heartbeat_problem(self, record: LmRecord, now: float) -> Outcome | None:
         """Vac's rule (vac.md §3.6), with its grace after a daemon (re)start."""
@@ -325,9 +331,9 @@ class Factory:
 
     # --- starting ----------------------------------------------------------------------------
 
-    def _start_lms(self, report: PassReport) -> None:
+    def _start_lms(self, report: PassReport, active: list[LmRecord]) -> list[LmRecord]:
+        """Start what the planner decides; returns the new records."""
         now = self.clock()
-        active = self.store.active()
         running = [
             slots.RunningLm(
                 r.machinetype, r.processors, r.hs06, r.shutdown_time, r.created, r.started
@@ -350,12 +356,16 @@ class Factory:
         )
         if isinstance(decisions, slots.Blocked):
             report.blocked = decisions.reason
-            return
-        free = self.store.free_slots(self.config.factory.total_processors)
+            return []
+        used = {record.slot for record in active}
+        free = (slot for slot in range(self.config.factory.total_processors) if slot not in used)
+        started = []
         for decision, slot in zip(decisions, free, strict=False):
-            name = self._start(decision, slot)
-            if name:
-                report.started.append(name)
+            record = self._start(decision, slot)
+            if record is not None:
+                report.started.append(record.name)
+                started.append(record)
+        return started
 
     def histories(self) -> dict[str, slots.TypeHistory]:
         """Vac's backoff input: the end of the most recently created finished LM, if an abort."""
@@ -365,7 +375,7 @@ class Factory:
             out[name] = slots.TypeHistory(last_abort=record.finished if aborted else None)
         return out
 
-    def _start(self, decision: slots.StartDecision, slot: int) -> str | None:
+    def _start(self, decision: slots.StartDecision, slot: int) -> LmRecord | None:
         mt = self.config.machinetypes[decision.machinetype]
         backend = self.backends.get(mt.backend.value)
         if backend is None:
@@ -421,7 +431,9 @@ class Factory:
                 finished=self.clock(),
             )
             return None
-        self.store.transition(record.uuid, LmState.RUNNING, handle=handle, started=self.clock())
+        record = self.store.transition(
+            record.uuid, LmState.RUNNING, handle=handle, started=self.clock()
+        )
         LOG.info(
             "lm=%s machinetype=%s processors=%d: started (%s)",
             name,
@@ -429,7 +441,7 @@ class Factory:
             decision.processors,
             decision.reason,
         )
-        return name
+        return record
 
     def _owner(self, backend: Backend) -> tuple[int, int]:
         if not backend.runs_as_sc_user:
@@ -487,16 +499,18 @@ class Factory:
 
     # --- the loop ---------------------------------------------------------------------------------
 
-    def next_wait(self) -> float:
-        """Seconds until something is due (an event wakes the loop earlier)."""
-        now = self.clock()
-        deadlines = [self._next_reconcile, now + self.tuning.idle_wait_seconds]
-        for record in self.store.active():
+    def _next_deadline(self, active: list[LmRecord]) -> float:
+        deadlines = [self._next_reconcile, self.clock() + self.tuning.idle_wait_seconds]
+        for record in active:
             if record.state is LmState.STOPPING and record.stop_deadline is not None:
                 deadlines.append(record.stop_deadline)
             elif record.state is LmState.RUNNING:
                 deadlines.append(record.shutdown_time)
-        return max(min(deadlines) - now, 0.0)
+        return min(deadlines)
+
+    def next_wait(self) -> float:
+        """Seconds until something is due (an event wakes the loop earlier)."""
+        return max(self._deadline - self.clock(), 0.0)
 
     def run(self, *, once: bool = False) -> None:
         """Adopt, then handle events and deadlines until :meth:`request_stop` (SIGTERM)."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 MIB = 1024 * 1024
 
@@ -44,3 +46,21 @@ class Limits:
     @property
     def memory_mib(self) -> int:
         return self.memory_bytes // MIB
+
+
+@dataclass(frozen=True, slots=True)
+class Handle:
+    """What a backend needs to find its LM again after a daemon restart (persisted as JSON).
+
+    ``version`` lets a newer backend read handles an older one wrote.
+    """
+
+    version: int
+    data: Mapping[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "data": dict(self.data)}
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> Handle:
+        return cls(int(value["version"]), dict(value["data"]))

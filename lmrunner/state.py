@@ -17,10 +17,9 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from lmrunner.backends.base import Handle
 from lmrunner.errors import LmrunnerError
 from lmrunner.lifecycle import ACTIVE, LmState, Outcome, check_transition
-from lmrunner.model import Limits
+from lmrunner.model import Handle, Limits
 
 DB_NAME = "lmrunner.db"
 
@@ -218,16 +217,26 @@ class Store:
     # --- LMs ------------------------------------------------------------------------------
 
     def insert(self, record: LmRecord) -> LmRecord:
-        row = _to_row(record)
-        row["updated"] = time.time()
-        names = ", ".join(row)
-        marks = ", ".join("?" for _ in row)
-        try:
-            with self.write():
-                self.db.execute(f"INSERT INTO lms ({names}) VALUES ({marks})", tuple(row.values()))
-        except sqlite3.IntegrityError as err:
-            raise StoreError(f"slot {record.slot} is already taken by an active LM") from err
+        self.insert_many([record])
         return record
+
+    def insert_many(self, records: Iterable[LmRecord]) -> None:
+        """Insert LMs in one transaction (all or none)."""
+        with self.write():
+            for record in records:
+                row = _to_row(record)
+                row["updated"] = time.time()
+                names = ", ".join(row)
+                marks = ", ".join("?" for _ in row)
+                try:
+                    self.db.execute(
+                        f"INSERT INTO lms ({names}) VALUES ({marks})", tuple(row.values())
+                    )
+                except sqlite3.IntegrityError as err:
+                    what = f"slot {record.slot} is already held by an active LM"
+                    if "lms.uuid" in str(err):
+                        what = f"an LM with uuid {record.uuid} already exists"
+                    raise StoreError(f"cannot insert {record.name}: {what}") from err
 
     def get(self, uuid: str) -> LmRecord | None:
         row = self.db.execute("SELECT * FROM lms WHERE uuid = ?", (uuid,)).fetchone()
@@ -254,6 +263,28 @@ class Store:
         limited = limit is not None
         rows = self.db.execute(sql + (" LIMIT ?" if limited else ""), (limit,) if limited else ())
         return [_from_row(row) for row in rows]
+
+    def listing(self, *, ended: bool = False) -> list[sqlite3.Row]:
+        """Light rows for ``lmrunner ps``: no JSON or path decoding it does not show.
+
+        Active LMs by slot, then (with ``ended``) ended ones, newest first.
+        """
+        columns = (
+            "uuid, name, machinetype, backend, slot, state, processors, created, started, "
+            "finished, "
+            "shutdown_time, cpu_seconds, memory_peak_bytes, outcome"
+        )
+        marks = ", ".join("?" for _ in ACTIVE)
+        states = tuple(s.value for s in ACTIVE)
+        rows = self.db.execute(
+            f"SELECT {columns} FROM lms WHERE state IN ({marks}) ORDER BY slot", states
+        ).fetchall()
+        if ended:
+            rows += self.db.execute(
+                f"SELECT {columns} FROM lms WHERE state NOT IN ({marks}) ORDER BY created DESC",
+                states,
+            ).fetchall()
+        return rows
 
     def finished_since(self, since: float) -> list[LmRecord]:
         rows = self.db.execute(

@@ -1,36 +1,62 @@
-"""The ``lmrunner`` command line: one module per subcommand (``add_parser`` and ``run``)."""
+"""The ``lmrunner`` command line: one module per subcommand (``add_parser`` and ``run``).
+
+A subcommand's module is imported only when that subcommand runs, so quick commands such as
+``lmrunner ps`` do not pay for the imports of others (requests, YAML, the Docker SDK).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
 from lmrunner import __version__
-from lmrunner.cli import check, control, daemon, ps, reference, userdata, vacimport
 from lmrunner.errors import ConfigError, LmrunnerError
 
 DESCRIPTION = (
     "lmrunner fills this host's processors with logical machines (Docker containers, "
     "Apptainer containers and QEMU virtual machines) for vacuum-model sites."
 )
-SUBCOMMANDS = (daemon, ps, control, check, userdata, vacimport, reference)
+#: command -> (module that defines it, one-line help for the listing)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "daemon": ("daemon", "run the factory in the foreground"),
+    "ps": ("ps", "list logical machines (running ones; --all for finished too)"),
+    "stop": ("control", "stop an LM gracefully (then kill after its grace period)"),
+    "kill": ("control", "kill an LM at once"),
+    "drain": ("control", "start no new LMs (running ones continue)"),
+    "undrain": ("control", "start LMs again after drain"),
+    "logs": ("control", "show the logs an LM left"),
+    "check": ("check", "validate the configuration and print the effective configuration"),
+    "user-data": ("userdata", "print the templated user_data an LM of a machinetype would get now"),
+    "import-vac-conf": ("vacimport", "convert Vac's vac.conf (and vac.d) to lmrunner YAML"),
+    "config-reference": ("reference", "print the configuration reference (Markdown)"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser for every subcommand."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (all of them when None)."""
     parser = argparse.ArgumentParser(prog="lmrunner", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"lmrunner {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in SUBCOMMANDS:
-        module.add_parser(sub)
+    loaded: set[str] = set()
+    for name, (module, text) in COMMANDS.items():
+        if module in loaded:
+            continue
+        if command is None or COMMANDS.get(command, ("",))[0] == module:
+            importlib.import_module(f"lmrunner.cli.{module}").add_parser(sub)
+            loaded.add(module)
+        else:
+            sub.add_parser(name, help=text)  # listed in --help; its module is not needed now
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lmrunner`` console script; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args_list if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(args_list)
     if args.command is None:
         parser.print_help()
         return 0

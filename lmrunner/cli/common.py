@@ -6,11 +6,18 @@ import argparse
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lmrunner.config import DEFAULT_CONFIG, Config, PipeConfig, load_config
+import lmrunner
 from lmrunner.errors import LmrunnerError
-from lmrunner.pipes import PipeStore
 from lmrunner.state import DB_NAME, Store
+
+if TYPE_CHECKING:
+    from lmrunner.config import Config, PipeConfig
+
+# The configuration modules (YAML, requests) are imported where used: `lmrunner ps --state-dir`
+# never needs them, and must start fast.
+DEFAULT_CONFIG = Path(lmrunner.DEFAULT_CONFIG)
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -39,6 +46,9 @@ def load(
     args: argparse.Namespace, *, refresh_pipes: bool = False, check_files: bool = True
 ) -> Config:
     """Load the configuration with the pipes' cached documents (refreshed first if asked)."""
+    from lmrunner.config import load_config
+    from lmrunner.pipes import PipeStore
+
     bare = _with_state_dir(load_config(args.config, check_files=False), args.state_dir)
     store = PipeStore(bare.factory.state_dir / "pipescache")
     if refresh_pipes:
@@ -54,13 +64,16 @@ def load(
 def _with_state_dir(config: Config, state_dir: Path | None) -> Config:
     if state_dir is None:
         return config
-    return replace(config, factory=replace(config.factory, state_dir=state_dir.absolute()))
+    factory = replace(config.factory, state_dir=state_dir.absolute())
+    return replace(config, factory=factory)
 
 
 def state_dir(args: argparse.Namespace) -> Path:
     """--state-dir, else the configured one (so read-only commands work without a config)."""
     if args.state_dir is not None:
         return Path(args.state_dir)
+    from lmrunner.config import load_config
+
     return load_config(args.config, check_files=False).factory.state_dir
 
 

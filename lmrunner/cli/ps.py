@@ -1,21 +1,23 @@
 """``lmrunner ps``: what runs, read straight from the state store (no daemon needed).
 
 ``--json`` prints a versioned document (schema ``lmrunner.ps/1``, described in docs/cli.md).
+This command is run often and by monitoring, so it reads light rows and imports little.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import time
 from typing import Any
 
 from lmrunner.cli.common import common_options, open_store
-from lmrunner.state import LmRecord
 
 SCHEMA = "lmrunner.ps/1"
 COLUMNS = ("NAME", "MACHINETYPE", "BACKEND", "STATE", "PROCS", "UPTIME", "CPU%", "MEM", "OUTCOME")
+ACTIVE = ("creating", "starting", "running", "stopping")
 
 
 def add_parser(sub: Any) -> None:
@@ -35,95 +37,91 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     store = open_store(args)
     try:
-        records = store.recent() if args.all else store.active()
+        rows = store.listing(ended=args.all)
         factory_id = store.factory_id
     finally:
         store.close()
-    records.sort(key=lambda r: (not r.active, r.slot if r.active else -r.created))
     now = time.time()
     if args.quiet:
-        for record in records:
-            print(record.name)
+        sys.stdout.write("".join(f"{row['name']}\n" for row in rows))
     elif args.json:
         document = {
             "schema": SCHEMA,
             "factory": factory_id,
             "generated": now,
-            "lms": [to_json(record) for record in records],
+            "lms": [to_json(row) for row in rows],
         }
         json.dump(document, sys.stdout, indent=1)
         print()
     else:
-        print(table(records, now))
+        print(table(rows, now))
     return 0
 
 
-def to_json(record: LmRecord) -> dict[str, Any]:
+def _outcome(row: sqlite3.Row) -> dict[str, Any] | None:
+    value = row["outcome"]
+    return None if value is None else dict(json.loads(value))
+
+
+def to_json(row: sqlite3.Row) -> dict[str, Any]:
+    """One LM in the ``lmrunner.ps/1`` schema (docs/cli.md)."""
     return {
-        "name": record.name,
-        "uuid": record.uuid,
-        "machinetype": record.machinetype,
-        "backend": record.backend,
-        "state": record.state.value,
-        "processors": record.processors,
-        "created": record.created,
-        "started": record.started,
-        "finished": record.finished,
-        "shutdown_time": record.shutdown_time,
-        "cpu_seconds": record.cpu_seconds,
+        "name": row["name"],
+        "uuid": row["uuid"],
+        "machinetype": row["machinetype"],
+        "backend": row["backend"],
+        "state": row["state"],
+        "processors": row["processors"],
+        "created": row["created"],
+        "started": row["started"],
+        "finished": row["finished"],
+        "shutdown_time": row["shutdown_time"],
+        "cpu_seconds": row["cpu_seconds"],
         "memory_bytes": None,
-        "memory_peak_bytes": record.memory_peak_bytes,
-        "outcome": None if record.outcome is None else record.outcome.to_json(),
+        "memory_peak_bytes": row["memory_peak_bytes"],
+        "outcome": _outcome(row),
         # Which numbers were measured for this LM (cgroup accounting arrives per backend).
         "measured": {
-            "cpu_seconds": record.cpu_seconds is not None,
+            "cpu_seconds": row["cpu_seconds"] is not None,
             "memory_bytes": False,
-            "memory_peak_bytes": record.memory_peak_bytes is not None,
+            "memory_peak_bytes": row["memory_peak_bytes"] is not None,
         },
     }
 
 
-def table(records: list[LmRecord], now: float) -> str:
-    rows = [COLUMNS]
-    for r in records:
-        end = r.finished if r.finished is not None else now
-        uptime = _duration(end - r.started) if r.started is not None else "-"
+def table(rows: list[sqlite3.Row], now: float) -> str:
+    lines = [COLUMNS]
+    active = processors = 0
+    for row in rows:
+        started, finished = row["started"], row["finished"]
+        end = finished if finished is not None else now
+        uptime = _duration(end - started) if started is not None else "-"
         cpu = "-"
-        if r.cpu_seconds is not None and r.started is not None and end > r.started:
-            cpu = f"{100 * r.cpu_seconds / ((end - r.started) * r.processors):.1f}"
-        mem = _bytes(r.memory_peak_bytes) if r.memory_peak_bytes is not None else "-"
-        outcome = r.outcome.message if r.outcome is not None else "-"
-        rows.append(
-            (
-                r.name,
-                r.machinetype,
-                r.backend,
-                r.state.value,
-                str(r.processors),
-                uptime,
-                cpu,
-                mem,
-                outcome[:40],
-            )
+        if row["cpu_seconds"] is not None and started is not None and end > started:
+            cpu = f"{100 * row['cpu_seconds'] / ((end - started) * row['processors']):.1f}"
+        mem = (
+            "-"
+            if row["memory_peak_bytes"] is None
+            else f"{row['memory_peak_bytes'] / 1048576:.0f}M"
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
-        for row in rows
-    ]
-    active = [r for r in records if r.active]
-    lines.append(
-        f"{len(active)} active LMs using {sum(r.processors for r in active)} processors"
-        + (f"; {len(records) - len(active)} ended" if len(records) > len(active) else "")
-    )
-    return "\n".join(line.rstrip() for line in lines)
+        outcome = _outcome(row)
+        shown = "-" if outcome is None else f"{outcome['code']} {outcome['text']}"[:40]
+        if row["state"] in ACTIVE:
+            active += 1
+            processors += row["processors"]
+        lines.append((row["name"], row["machinetype"], row["backend"], row["state"],
+                      str(row["processors"]), uptime, cpu, mem, shown))  # fmt: skip
+    widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS) - 1)]
+    out = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False))
+           + "  " + line[-1] for line in lines]  # fmt: skip
+    total = f"{active} active LMs using {processors} processors"
+    if len(rows) > active:
+        total += f"; {len(rows) - active} ended"
+    out.append(total)
+    return "\n".join(line.rstrip() for line in out)
 
 
 def _duration(seconds: float) -> str:
     seconds = max(int(seconds), 0)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
-
-
-def _bytes(value: int) -> str:
-    return f"{value / 1048576:.0f}M"
