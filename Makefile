@@ -3,10 +3,14 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test bootstrap lint typecheck test-host test-v2 images image clean
+.PHONY: test demo bootstrap lint typecheck test-host test-v2 images image bench clean
 
 ## test: bootstrap, ruff, mypy --strict, pytest on the host, then the cgroup-v2 tests in a guest
 test: bootstrap lint typecheck test-host test-v2
+
+## demo: bootstrap, then a factory on examples/demo.yaml with `lmrunner ps` while LMs run
+demo: bootstrap
+	scripts/demo
 
 ## bootstrap: install and start the engines, build vcbusybox, make the venv (idempotent)
 bootstrap:
@@ -16,7 +20,7 @@ lint:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	bash -n scripts/bootstrap scripts/install-apptainer scripts/test-v2-guest scripts/typecheck \
-	  scripts/build-image images/vcbusybox/build
+	  scripts/build-image scripts/demo images/vcbusybox/build
 	sh -n images/vcbusybox/init
 
 typecheck:
@@ -37,6 +41,10 @@ images:
 ## image: the lmrunner factory image from the top-level Dockerfile
 image:
 	scripts/build-image
+
+## bench: the core benchmark (fake backend; figures as JSON on the last line)
+bench:
+	$(PY) bench/core.py
 
 clean:
 	rm -rf build .cache .pytest_cache .mypy_cache .ruff_cache

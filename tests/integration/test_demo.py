@@ -1,0 +1,23 @@
+"""`make demo` (scripts/demo) runs a factory, shows ps while LMs run and finish, and stops."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lmrunner import runner
+from tests.integration.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_runs_and_stops_cleanly() -> None:
+    env = {**os.environ, "LMRUNNER": str(REPO / ".venv" / "bin" / "lmrunner")}
+    done = runner.run([REPO / "scripts" / "demo", "10"], env=env, timeout=120)
+    out = done.stdout
+    assert "--- lmrunner ps" in out
+    assert "NAME" in out and "MACHINETYPE" in out
+    assert "fake-work" in out
+    assert "200 Intended work completed ok" in out  # an LM finished during the demo
+    assert "--- stopping the factory" in out
