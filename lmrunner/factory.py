@@ -47,6 +47,7 @@ from lmrunner.lifecycle import (
 from lmrunner.state import LmRecord, Store
 
 LOG = logging.getLogger(__name__)
+CLEANUP_SECONDS = 3600.0  # LM directories live for days: an hourly look is enough
 RESTART_OUTCOME = Outcome(100, "Start interrupted by a factory restart", OutcomeSource.START_FAILED)
 
 
@@ -96,6 +97,7 @@ class Factory:
         self.started_at = clock()
         self._orphans_seen: dict[str, float] = {}
         self._next_reconcile = 0.0
+        self._next_cleanup = 0.0
         self._deadline = 0.0
 
     # --- start-up and adoption -------------------------------------------------------------
@@ -158,7 +160,7 @@ class Factory:
         active = self._enforce(report, self.store.active())
         if not self.stopping_requested.is_set():
             active += self._start_lms(report, active)
-        self._deadline = self._next_deadline(active)
+        self._deadline = self._next_deadline(active, now)
         return report
 
     def _handle_events(self, report: PassReport) -> None:
@@ -227,10 +229,12 @@ class Factory:
             if record.handle is not None and record.state in (LmState.RUNNING, LmState.STOPPING):
                 self._check(record, report)
         now = self.clock()
+        seen: set[str] = set()
         for backend in self.backends.values():
             for owned in backend.list_owned():
                 if owned.factory != self.store.factory_id or owned.uuid in active:
                     continue
+                seen.add(owned.uuid)
                 known = self.store.get(owned.uuid)
                 first = self._orphans_seen.setdefault(owned.uuid, now)
                 if known is not None and not known.active:
@@ -251,6 +255,11 @@ class Factory:
                         owned.uuid,
                         backend.name,
                     )
+        # Forget orphans that are gone (removed, or finished LMs' leftovers destroyed above).
+        self._orphans_seen = {uuid: t for uuid, t in self._orphans_seen.items() if uuid in seen}
+        if now >= self._next_cleanup:
+            self.cleanup_directories()
+            self._next_cleanup = now + CLEANUP_SECONDS
 
     def _handle_requests(self, report: PassReport) -> None:
         for uuid, action, grace in self.store.take_requests():
@@ -299,7 +308,10 @@ class Factory:
             if record.state is not LmState.RUNNING:
                 continue
             if factory_end is not None and factory_end < record.shutdown_time:
-                payload.update_shutdowntime(record.directory, factory_end)
+                try:
+                    payload.update_shutdowntime(record.directory, factory_end)
+                except OSError as err:  # its folder vanished: the record still gets the time
+                    LOG.error("lm=%s: cannot lower its shutdowntime files: %s", record.name, err)
                 record = out[-1] = self.store.update(record.uuid, shutdown_time=factory_end)
             reason = wallclock_outcome() if now >= record.shutdown_time else None
             reason = reason or self._heartbeat_problem(record, now)
@@ -318,7 +330,8 @@ class Factory:
             or record.started is None
         ):
             return None
-        if now - record.started < mt.fizzle_seconds or now - self.started_at < mt.fizzle_seconds:
+        # Only once both are *more than* fizzle_seconds ago (Vac: started < now - fizzle_seconds).
+        if now - record.started <= mt.fizzle_seconds or now - self.started_at <= mt.fizzle_seconds:
             return None
         beat = record.directory / "joboutputs" / mt.heartbeat_file
         try:
@@ -361,6 +374,8 @@ class Factory:
         free = (slot for slot in range(self.config.factory.total_processors) if slot not in used)
         started = []
         for decision, slot in zip(decisions, free, strict=False):
+            if self.stopping_requested.is_set():  # SIGTERM arrived during this pass
+                break
             record = self._start(decision, slot)
             if record is not None:
                 report.started.append(record.name)
@@ -486,12 +501,16 @@ class Factory:
         """Remove LM directories older than their machinetype's ``machines_dir_days``."""
         removed = []
         now = self.clock()
-        for record in self.store.finished_since(0):
-            if record.cleaned or record.finished is None:
+        kept = [mt.machines_dir_days for mt in self.config.machinetypes.values()]
+        youngest = min(
+            [d for d in kept if d > 0] + [3.0]
+        )  # 3.0: Vac's default, for machinetypes no longer configured
+        for record in self.store.ended_before(now - youngest * 86400, cleaned=False):
+            if record.finished is None:
                 continue
             mt = self.config.machinetypes.get(record.machinetype)
             days = mt.machines_dir_days if mt else 3.0
-            if days > 0 and now - record.finished > days * 86400:
+            if days > 0 and now - record.finished > days * 86400:  # 0: kept forever
                 shutil.rmtree(record.directory, ignore_errors=True)
                 self.store.update(record.uuid, cleaned=True)
                 removed.append(record.directory)
@@ -499,13 +518,20 @@ class Factory:
 
     # --- the loop ---------------------------------------------------------------------------------
 
-    def _next_deadline(self, active: list[LmRecord]) -> float:
+    def _next_deadline(self, active: list[LmRecord], now: float) -> float:
         deadlines = [self._next_reconcile, self.clock() + self.tuning.idle_wait_seconds]
         for record in active:
             if record.state is LmState.STOPPING and record.stop_deadline is not None:
-                deadlines.append(record.stop_deadline)
+                deadline: float = record.stop_deadline
             elif record.state is LmState.RUNNING:
-                deadlines.append(record.shutdown_time)
+                deadline = record.shutdown_time
+            else:
+                continue
+            # A deadline this pass has already acted on (stopped, killed) is not due again: the
+            # exit arrives as an event, and idle_wait_seconds bounds a retry. Waiting for it
+            # again would make run() spin while an engine is slow to kill.
+            if deadline > now:
+                deadlines.append(deadline)
         return min(deadlines)
 
     def next_wait(self) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+import urllib.parse
 import uuid as uuid_mod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -133,7 +134,9 @@ class Store:
         try:
             if readonly:
                 self.db = sqlite3.connect(
-                    f"file:{self.path}?mode=ro", uri=True, isolation_level=None
+                    f"file:{urllib.parse.quote(str(self.path))}?mode=ro",
+                    uri=True,
+                    isolation_level=None,
                 )
             else:
                 state_dir.mkdir(parents=True, exist_ok=True)
@@ -285,6 +288,15 @@ class Store:
                 states,
             ).fetchall()
         return rows
+
+    def ended_before(self, moment: float, *, cleaned: bool) -> list[LmRecord]:
+        """Ended LMs that finished before ``moment`` and whose directory is (not) cleaned."""
+        rows = self.db.execute(
+            "SELECT * FROM lms WHERE finished IS NOT NULL AND finished < ? AND cleaned = ? "
+            "ORDER BY finished",
+            (moment, int(cleaned)),
+        )
+        return [_from_row(row) for row in rows]
 
     def finished_since(self, since: float) -> list[LmRecord]:
         rows = self.db.execute(

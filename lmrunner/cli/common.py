@@ -23,7 +23,7 @@ DEFAULT_CONFIG = Path(lmrunner.DEFAULT_CONFIG)
 def common_options() -> argparse.ArgumentParser:
     """--config and --state-dir, accepted by every subcommand (several factories side by side)."""
     parent = argparse.ArgumentParser(add_help=False)
-    default = Path(os.environ.get("LMRUNNER_CONFIG", str(DEFAULT_CONFIG)))
+    default = Path(os.environ.get("LMRUNNER_CONFIG") or DEFAULT_CONFIG)  # empty: unset
     parent.add_argument(
         "--config",
         type=Path,
@@ -78,8 +78,9 @@ def state_dir(args: argparse.Namespace) -> Path:
 
 
 def open_store(args: argparse.Namespace, *, readonly: bool = True) -> Store:
+    """The factory's existing store (a mistyped --state-dir must not create a new one)."""
     directory = state_dir(args)
-    if readonly and not (directory / DB_NAME).exists():
+    if not (directory / DB_NAME).exists():
         raise LmrunnerError(f"{directory}: no state database yet (has the daemon ever run?)")
     return Store(directory, readonly=readonly)
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import signal
 import sys
+from dataclasses import replace
+from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TextIO
 
 from lmrunner import slots
 from lmrunner.backends import make_backends
 from lmrunner.cli.common import common_options, load
 from lmrunner.config import Config
-from lmrunner.errors import ConfigError
+from lmrunner.errors import ConfigError, LmrunnerError
 from lmrunner.factory import Factory, Tuning
 from lmrunner.state import Store
 
@@ -67,7 +70,11 @@ def run(args: argparse.Namespace) -> int:
         LOG.warning("%s", warning)
     store = Store(config.factory.state_dir)
     if args.dry_run:
-        return _dry_run(config, store)
+        try:
+            return _dry_run(config, store)
+        finally:
+            store.close()
+    lock = _exclusive(config.factory.state_dir)  # held until this process exits
     names = {mt.backend.value for mt in config.machinetypes.values()}
     backends = make_backends(names, config.factory.state_dir)
     for name in sorted(names - set(backends)):
@@ -109,11 +116,28 @@ def run(args: argparse.Namespace) -> int:
     finally:
         store.set_meta("daemon_pid", None)
         factory.close()
+        store.close()
+        lock.close()
     return 0
+
+
+def _exclusive(state_dir: Path) -> TextIO:
+    """One daemon per state directory: two would start LMs for the same slots."""
+    handle = (state_dir / "daemon.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as err:
+        handle.close()
+        raise LmrunnerError(
+            f"{state_dir}: another lmrunner daemon runs on this state directory"
+        ) from err
+    return handle
 
 
 def _dry_run(config: Config, store: Store) -> int:
     factory = Factory(config, store, {})
+    if store.meta("draining") == "1":  # `lmrunner drain`, as the factory honours it
+        config = replace(config, factory=replace(config.factory, draining=True))
     active = store.active()
     running = [
         slots.RunningLm(r.machinetype, r.processors, r.hs06, r.shutdown_time, r.created, r.started)
