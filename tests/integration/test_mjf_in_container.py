@@ -89,8 +89,9 @@ def test_shell_payload_reads_mjf_with_path_style(
 ) -> None:
     prepared = prepare_lm(tmp_path, "path")
     assert prepared.env["JOBFEATURES"] == "/etc/jobfeatures"
-    script = "cat $JOBFEATURES/allocated_cpu; cat $MACHINEFEATURES/total_cpu"
-    assert run(docker_client, "vcbusybox:latest", prepared, ["sh", "-c", script]) == "2\n2"
+    # Whole lines only: Docker may drop a last line without a newline from the logs.
+    script = 'echo "$(cat $JOBFEATURES/allocated_cpu) $(cat $MACHINEFEATURES/total_cpu)"'
+    assert run(docker_client, "vcbusybox:latest", prepared, ["sh", "-c", script]) == "2 2\n"
 
 
 def test_python_payload_reads_mjf_with_urlopen_in_file_url_style(
@@ -125,7 +126,7 @@ def test_lowered_shutdowntime_is_seen_inside_a_running_lm(
     container = docker_client.containers.run(
         "vcbusybox:latest",
         ["sh", "-c", "while [ ! -e $JOBOUTPUTS/go ]; do sleep 0.1; done; "
-         "cat $MACHINEFEATURES/shutdowntime; echo; cat $JOBFEATURES/shutdowntime_job"],
+         "cat $MACHINEFEATURES/shutdowntime; echo; cat $JOBFEATURES/shutdowntime_job; echo"],
         environment=dict(prepared.env), volumes=volumes, detach=True, labels={TEST_LABEL: "mjf"},
     )  # fmt: skip
     try:
