@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from lmrunner.backends.base import EngineState
 from lmrunner.lifecycle import LmState, OutcomeSource
 from tests.contract.conftest import Behaviour, Harness
@@ -104,3 +106,14 @@ def test_lm_removed_behind_lmrunners_back_is_lost(harness: Harness) -> None:
     done = factory.store.get(record.uuid)
     assert done is not None and done.outcome is not None
     assert done.outcome.source is OutcomeSource.LOST
+
+
+def test_an_exit_is_handled_and_its_processor_reused_within_a_second(harness: Harness) -> None:
+    # Event-driven: the backend reports the exit; no fixed cycle delays the next start.
+    config = harness.config(Behaviour(seconds=0.5, message="200 Intended work completed ok"))
+    factory = harness.factory(config)
+    harness.drive(factory, lambda: len(factory.store.recent()) >= 4)
+    records = sorted(factory.store.recent(), key=lambda r: r.created)
+    for ended, following in itertools.pairwise(records):
+        assert ended.finished is not None
+        assert following.created - ended.finished < 1.0, (ended, following)
