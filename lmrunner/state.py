@@ -100,7 +100,8 @@ def _create_v1(db: sqlite3.Connection) -> None:
             cpu_seconds REAL,
             memory_peak_bytes INTEGER,
             cleaned INTEGER NOT NULL DEFAULT 0,
-            updated REAL NOT NULL
+            updated REAL NOT NULL,
+            rev INTEGER NOT NULL DEFAULT 0  -- bumped by every write: lets readers cache rows
         );
         -- Never two active LMs in one slot, whatever a crash left behind.
         CREATE UNIQUE INDEX lms_active_slot ON lms(slot)
@@ -143,6 +144,7 @@ class Store:
                 self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
         except sqlite3.Error as err:
             raise StoreError(f"{self.path}: cannot open the state database: {err}") from err
+        self._cache: dict[str, tuple[int, LmRecord]] = {}
         try:
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA busy_timeout=30000")
@@ -253,12 +255,22 @@ class Store:
         return None if row is None else _from_row(row)
 
     def active(self) -> list[LmRecord]:
+        """Active LMs by slot. Decoded records are cached by revision: the daemon reads this
+        after every exit, and decoding thousands of unchanged rows each time would dominate."""
         marks = ", ".join("?" for _ in ACTIVE)
         rows = self.db.execute(
             f"SELECT * FROM lms WHERE state IN ({marks}) ORDER BY slot",
             tuple(s.value for s in ACTIVE),
         )
-        return [_from_row(row) for row in rows]
+        cache: dict[str, tuple[int, LmRecord]] = {}
+        out = []
+        for row in rows:
+            hit = self._cache.get(row["uuid"])
+            record = hit[1] if hit is not None and hit[0] == row["rev"] else _from_row(row)
+            cache[record.uuid] = (row["rev"], record)
+            out.append(record)
+        self._cache = cache
+        return out
 
     def recent(self, limit: int | None = None) -> list[LmRecord]:
         """Every LM, newest first (``limit`` of them)."""
@@ -333,7 +345,9 @@ class Store:
         row["updated"] = time.time()
         assignments = ", ".join(f"{key} = ?" for key in row if key != "uuid")
         values = [value for key, value in row.items() if key != "uuid"]
-        self.db.execute(f"UPDATE lms SET {assignments} WHERE uuid = ?", (*values, record.uuid))
+        self.db.execute(
+            f"UPDATE lms SET {assignments}, rev = rev + 1 WHERE uuid = ?", (*values, record.uuid)
+        )
 
     def free_slots(self, count: int) -> list[int]:
         """Slot numbers below ``count`` that no active LM holds, lowest first."""

@@ -51,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
             "generated": now,
             "lms": [to_json(row) for row in rows],
         }
-        json.dump(document, sys.stdout, indent=1)
-        print()
+        print(json.dumps(document))  # compact: the C encoder, many times faster than indent
     else:
         print(table(rows, now))
     return 0
