@@ -102,6 +102,15 @@ class FactoryConfig:
         vac=("mb_per_processor", "mb_per_cpu"),
         minimum=64,
     )
+    pids_per_processor: int = option(
+        4096, "Most processes and threads per processor in an LM (pids limit; 0: none).", minimum=0
+    )
+    cgroup_parent: str = option(
+        "lmrunner",
+        "Parent cgroup of every LM (one child per LM), relative to each hierarchy's root.",
+        pattern=r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*",
+        pattern_text="a relative cgroup path such as lmrunner",
+    )
     swap_mb_per_processor: int = option(
         0, "Swap per processor an LM may use (max_swap_bytes).", unit="MiB", minimum=0
     )
@@ -268,6 +277,13 @@ class MachinetypeConfig:
         0, "Longest allowed age of heartbeat_file (0: only its existence).", unit="s",
         vac="heartbeat_seconds", minimum=0,
     )  # fmt: skip
+    capabilities: tuple[str, ...] = option(
+        (),
+        "Linux capabilities added to the LM's reduced default set (Docker), e.g. SYS_ADMIN for "
+        "CernVM-style payloads that mount; `lmrunner check` warns about each.",
+        pattern=r"[A-Z_]+",
+        pattern_text="capability names such as SYS_ADMIN",
+    )
     stop_grace_seconds: int = option(
         60,
         "Time between the stop signal (SIGTERM, ACPI) and the kill; grace_secs in MJF.",

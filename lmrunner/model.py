@@ -42,6 +42,7 @@ class Limits:
     swap_bytes: int
     disk_bytes: int
     hs06: float | None  # None: the factory has no hs06_per_processor
+    pids: int = 0  # most processes/threads at once (0: unlimited)
 
     @property
     def memory_mib(self) -> int:

@@ -85,6 +85,7 @@ def limits_for(config: Config, mt: MachinetypeConfig, processors: int) -> Limits
         hs06=None
         if factory.hs06_per_processor is None
         else factory.hs06_per_processor * processors,
+        pids=factory.pids_per_processor * processors,
     )
 
 

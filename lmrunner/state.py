@@ -397,6 +397,7 @@ def _to_row(record: LmRecord) -> dict[str, Any]:
                     "swap_bytes": value.swap_bytes,
                     "disk_bytes": value.disk_bytes,
                     "hs06": value.hs06,
+                    "pids": value.pids,
                 }
             )
         elif name in _JSON_FIELDS:

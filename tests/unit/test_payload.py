@@ -497,6 +497,7 @@ def test_machine_and_job_features(tmp_path: Path) -> None:
         swap_bytes=500 * 4 * MIB,
         disk_bytes=40 * 10**9,
         hs06=50.0,
+        pids=4096 * 4,  # pids_per_processor's default
     )
     assert limits.memory_mib == 12000
     machine, job = features(config, mt, lm, limits, created=CREATED, shutdown_time=SHUTDOWN)
