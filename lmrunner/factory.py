@@ -493,6 +493,7 @@ class Factory:
             directory=prepared.directory,
             owner=owner,
             stop_grace_seconds=mt.stop_grace_seconds,
+            options={"capabilities": mt.capabilities},
         )
 
     # --- housekeeping ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Test-wide rules.
 
-Under ``CI=true`` an integration test that skips (its engine missing) fails the run: an engine
-that CI cannot reach means the feature was not proven.
+Under ``CI=true`` an integration or contract test that skips (its engine missing) fails the run:
+an engine that CI cannot reach means the feature was not proven.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if (
         report.skipped
         and not hasattr(report, "wasxfail")
-        and "/integration/" in f"/{report.nodeid}"
+        and ("/integration/" in f"/{report.nodeid}" or "/contract/" in f"/{report.nodeid}")
     ):
         _SKIPPED_INTEGRATION.append(report.nodeid)
 

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             store.close()
     lock = _exclusive(config.factory.state_dir)  # held until this process exits
     names = {mt.backend.value for mt in config.machinetypes.values()}
-    backends = make_backends(names, config.factory.state_dir)
+    backends = make_backends(names, config.factory)
     for name in sorted(names - set(backends)):
         LOG.error(
             "backend=%s: not available in this lmrunner; its machinetypes will not start", name

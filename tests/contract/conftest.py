@@ -36,23 +36,59 @@ class Behaviour:
 @dataclass(frozen=True)
 class Case:
     backend: str
-    machinetype: Callable[[Behaviour], dict[str, Any]]  # options of a machinetype doing that
+    #: options of a machinetype whose LMs behave so (files it needs go into the folder given)
+    machinetype: Callable[[Behaviour, Path], dict[str, Any]]
+    marks: tuple[Any, ...] = ()
 
 
-def _fake_machinetype(b: Behaviour) -> dict[str, Any]:
+def _fake_machinetype(b: Behaviour, folder: Path) -> dict[str, Any]:
     parts = [f"seconds={b.seconds}", f"ignore_term={int(b.ignore_term)}"]
     if b.message:
         parts.append(f"message={b.message}")
     return {"backend": "fake", "image": "fake:" + ";".join(parts)}
 
 
-CASES = [Case("fake", _fake_machinetype)]
+def user_data_script(b: Behaviour) -> str:
+    """A payload for the real engines (run by vcbusybox's /init)."""
+    lines = ["#!/bin/sh"]
+    if b.ignore_term:
+        lines.append("trap '' TERM")
+    lines.append(f"sleep {b.seconds} & wait $!")  # wait: a TERM interrupts it at once
+    if b.ignore_term:
+        lines.append("while sleep 1; do :; done")
+    if b.message:
+        lines.append(f'echo "{b.message}" > "$JOBOUTPUTS/shutdown_message"')
+    return "\n".join(lines) + "\n"
 
 
-@pytest.fixture(params=CASES, ids=lambda case: case.backend)
+def _docker_machinetype(b: Behaviour, folder: Path) -> dict[str, Any]:
+    path = folder / "user_data"
+    path.write_text(user_data_script(b))
+    return {"backend": "docker", "image": "docker://vcbusybox:latest", "user_data": str(path)}
+
+
+CASES = [
+    Case("fake", _fake_machinetype),
+    Case("docker", _docker_machinetype, (pytest.mark.docker, pytest.mark.slow)),
+]
+
+
+@pytest.fixture(params=[pytest.param(c, marks=c.marks, id=c.backend) for c in CASES])
 def case(request: pytest.FixtureRequest) -> Case:
     value: Case = request.param
+    if value.backend != "fake":
+        backend = make_backends({value.backend}, _probe_factory())[value.backend]
+        probe = backend.probe()
+        backend.close()
+        if probe.health.value != "ok":
+            pytest.skip(f"{value.backend}: {probe.detail}")
     return value
+
+
+def _probe_factory() -> Any:
+    from lmrunner.config import FactoryConfig
+
+    return FactoryConfig(space="probe.example.com", state_dir=Path("/nonexistent"))
 
 
 class Harness:
@@ -64,8 +100,10 @@ class Harness:
         self.factories: list[Factory] = []
 
     def config(self, behaviour: Behaviour, **options: Any) -> Config:
+        folder = self.tmp_path / "machinetype"
+        folder.mkdir(exist_ok=True)
         machinetype = {
-            **self.case.machinetype(behaviour),
+            **self.case.machinetype(behaviour, folder),
             "target_share": 1,
             "fizzle_seconds": 0,
             "stop_grace_seconds": 1,
@@ -86,7 +124,7 @@ class Harness:
 
     def factory(self, config: Config) -> Factory:
         store = Store(config.factory.state_dir)
-        backends: dict[str, Backend] = make_backends({self.case.backend}, config.factory.state_dir)
+        backends: dict[str, Backend] = make_backends({self.case.backend}, config.factory)
         factory = Factory(
             config,
             store,
