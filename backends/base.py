@@ -75,6 +75,8 @@ class Status:
     oom_killed: bool = False
     ended_at: float | None = None
     detail: str = ""
+    #: set when the engine, not the payload, ended the LM (e.g. its daemon restarted): why
+    interrupted: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -68,6 +69,7 @@ class DockerBackend:
         self._client: Any = None
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
+        self._outages: list[tuple[float, float]] = []  # when the event stream was down
 
     @property
     def client(self) -> Any:
@@ -160,12 +162,18 @@ class DockerBackend:
         state = container.attrs.get("State", {})
         if state.get("Running") or state.get("Status") in ("created", "restarting"):
             return Status(EngineState.RUNNING)
+        ended = _timestamp(state.get("FinishedAt"))
+        interrupted = None
+        if ended is not None and any(start - 5 <= ended <= end for start, end in self._outages):
+            # It died while dockerd was down or restarting: the site's doing, not the payload's.
+            interrupted = "Docker daemon restarted while the LM ran"
         return Status(
             EngineState.EXITED,
             exit_code=state.get("ExitCode"),
             oom_killed=bool(state.get("OOMKilled")),
-            ended_at=_timestamp(state.get("FinishedAt")),
+            ended_at=ended,
             detail=state.get("Error") or "",
+            interrupted=interrupted,
         )
 
     def stop(self, uuid: str, handle: Handle, *, force: bool = False) -> None:
@@ -223,18 +231,21 @@ class DockerBackend:
 
     def _watch(self, notify: Callable[[str], None]) -> None:
         """Follow Docker's events; after a break (dockerd restart), tell the core to look at all."""
-        first = True
+        lost_at: float | None = None
+        errors = (docker.errors.DockerException, requests.RequestException, BackendUnavailable)
         while not self._closed.is_set():
             try:
                 client = self._client_factory()  # its own connection: the stream blocks it
                 stream = client.events(
                     decode=True, filters={"type": "container", "label": LABEL_FACTORY}
                 )
-                if not first:
+                if lost_at is not None:
                     LOG.warning("docker: event stream reconnected; checking every LM")
+                    self._outages.append((lost_at, time.time()))
+                    self._client = None  # the old connection may have died with dockerd
                     for owned in self.list_owned():
                         notify(owned.uuid)
-                first = False
+                    lost_at = None
                 for event in stream:
                     if event.get("status") in ("die", "oom", "destroy", "kill"):
                         uuid = event.get("Actor", {}).get("Attributes", {}).get(LABEL_UUID)
@@ -242,14 +253,12 @@ class DockerBackend:
                             notify(uuid)
                     if self._closed.is_set():
                         return
-            except (
-                docker.errors.DockerException,
-                requests.RequestException,
-                BackendUnavailable,
-            ) as err:
-                if not self._closed.is_set():
-                    LOG.warning("docker: event stream lost (%s); reconnecting", err)
-                    first = False
+                problem = "the stream ended"  # dockerd stopped
+            except errors as err:
+                problem = str(err)
+            if not self._closed.is_set() and lost_at is None:
+                LOG.warning("docker: event stream lost (%s); reconnecting", problem)
+                lost_at = time.time()
             self._closed.wait(1.0)
 
     def _container(self, handle: Handle) -> Any:

@@ -203,6 +203,7 @@ class Factory:
             lost=status.state is EngineState.MISSING,
             lifetime=None if record.started is None else ended - record.started,
             fizzle_seconds=fizzle,
+            interrupted=status.interrupted,
         )
         if (
             outcome.source is not OutcomeSource.PAYLOAD

@@ -112,16 +112,19 @@ def decide_outcome(
     lost: bool,
     lifetime: float | None,
     fizzle_seconds: int,
+    interrupted: str | None = None,
 ) -> Outcome:
     """The outcome of an LM that ended, from everything known about its end.
 
     Precedence: the payload's own message; else the reason lmrunner stopped it; else an OOM
-    kill; else a vanished engine object; else, for an LM that ended by itself without a message,
-    an abort when it lived less than ``fizzle_seconds`` (what Vac meant to do and never did) and
-    otherwise its exit status (0 is work done, anything else a payload problem).
+    kill; else a vanished engine object or an engine that ended it (a site problem, 500); else,
+    for an LM that ended by itself without a message, an abort when it lived less than
+    ``fizzle_seconds`` (what Vac meant to do and never did) and otherwise its exit status (0 is
+    work done, anything else a payload problem).
     """
     parsed = parse_shutdown_message(message) if message is not None else None
-    if parsed is not None:
+    # A 700 after an OOM kill is the consequence (an init reporting its killed child), not news.
+    if parsed is not None and not (oom_killed and parsed[0] == 700):
         return Outcome(parsed[0], parsed[1], OutcomeSource.PAYLOAD)
     if stop_reason is not None:
         return stop_reason
@@ -129,6 +132,8 @@ def decide_outcome(
         return Outcome(700, "Killed for exceeding its memory limit (OOM)", OutcomeSource.OOM)
     if lost:
         return Outcome(500, "Engine object vanished; the LM was lost", OutcomeSource.LOST)
+    if interrupted is not None:
+        return Outcome(500, interrupted, OutcomeSource.LOST)
     status = "unknown" if exit_code is None else str(exit_code)
     if lifetime is not None and lifetime < fizzle_seconds:
         return Outcome(

@@ -360,3 +360,17 @@ def test_exit_status_after_fizzle_seconds(exit_code: int | None, code: int) -> N
 
 def test_an_empty_message_counts_as_no_message() -> None:
     assert decide(message=None, exit_code=0) == decide(message="", exit_code=0)
+
+
+def test_a_700_written_after_an_oom_kill_gives_way_to_the_oom() -> None:
+    # An init (vcbusybox's) reports its OOM-killed child as "700 Payload exited with status 137".
+    outcome = decide_outcome(
+        message="700 Payload exited with status 137\n", stop_reason=None, exit_code=137,
+        oom_killed=True, lost=False, lifetime=100.0, fizzle_seconds=10,
+    )  # fmt: skip
+    assert outcome.source is OutcomeSource.OOM
+    other = decide_outcome(
+        message="300 No more work", stop_reason=None, exit_code=137, oom_killed=True,
+        lost=False, lifetime=100.0, fizzle_seconds=10,
+    )  # fmt: skip
+    assert other.source is OutcomeSource.PAYLOAD
