@@ -164,12 +164,17 @@ class DockerBackend:
             return Status(EngineState.RUNNING)
         ended = _timestamp(state.get("FinishedAt"))
         interrupted = None
+        code = state.get("ExitCode")
         if ended is not None and any(start - 5 <= ended <= end for start, end in self._outages):
             # It died while dockerd was down or restarting: the site's doing, not the payload's.
             interrupted = "Docker daemon restarted while the LM ran"
+        elif code in (137, 143) and not state.get("OOMKilled"):
+            # Its init died of (or passed on) SIGTERM/SIGKILL that lmrunner did not send (when
+            # lmrunner stops an LM, its own reason wins): dockerd stopping, or an admin.
+            interrupted = f"Stopped from outside lmrunner (exit status {code}: dockerd or an admin)"
         return Status(
             EngineState.EXITED,
-            exit_code=state.get("ExitCode"),
+            exit_code=code,
             oom_killed=bool(state.get("OOMKilled")),
             ended_at=ended,
             detail=state.get("Error") or "",
