@@ -29,11 +29,12 @@ from lmrunner.backends.base import (
     LABEL_UUID,
     Backend,
     EngineState,
+    Health,
     MachineSpec,
     Status,
 )
 from lmrunner.config import Config, MachinetypeConfig
-from lmrunner.errors import LmrunnerError, MachineNotFound
+from lmrunner.errors import BackendError, BackendUnavailable, LmrunnerError, MachineNotFound
 from lmrunner.lifecycle import (
     LmState,
     Outcome,
@@ -96,6 +97,7 @@ class Factory:
         self.stopping_requested = threading.Event()
         self.started_at = clock()
         self._orphans_seen: dict[str, float] = {}
+        self.unavailable: dict[str, str] = {}  # backend -> why (its machinetypes do not start)
         self._next_reconcile = 0.0
         self._next_cleanup = 0.0
         self._deadline = 0.0
@@ -125,6 +127,8 @@ class Factory:
             assert record.handle is not None
             try:
                 backend.recover(record.uuid, record.handle)
+            except BackendUnavailable as err:
+                LOG.error("lm=%s: cannot reattach now: %s", record.name, err)
             except MachineNotFound:
                 LOG.warning(
                     "lm=%s: gone from %s while lmrunner was down", record.name, record.backend
@@ -135,9 +139,12 @@ class Factory:
 
     def _settle_half_created(self, record: LmRecord, backend: Backend) -> None:
         """An LM whose start was interrupted: remove whatever exists of it, once."""
-        for owned in backend.list_owned():
-            if owned.uuid == record.uuid:
-                backend.destroy(owned.uuid, owned.handle)
+        try:
+            for owned in backend.list_owned():
+                if owned.uuid == record.uuid:
+                    backend.destroy(owned.uuid, owned.handle)
+        except BackendError as err:  # what is left becomes an orphan, removed by a reconcile
+            LOG.error("lm=%s: cannot look for its engine object now: %s", record.name, err)
         shutil.rmtree(record.directory, ignore_errors=True)
         self.store.transition(
             record.uuid, LmState.FAILED, outcome=RESTART_OUTCOME, finished=self.clock()
@@ -183,7 +190,11 @@ class Factory:
         backend = self.backends.get(record.backend)
         if backend is None or record.handle is None:
             return
-        status = backend.inspect(record.uuid, record.handle)
+        try:
+            status = backend.inspect(record.uuid, record.handle)
+        except BackendError as err:
+            self._unavailable(backend, err)
+            return
         if status.state is not EngineState.RUNNING:
             self._finalise(record, backend, status)
             report.finished.append(record.name)
@@ -214,7 +225,10 @@ class Factory:
             message_file.write_text(outcome.message + "\n")
         self.store.transition(record.uuid, LmState.FINISHED, outcome=outcome, finished=ended)
         if record.handle is not None:
-            backend.destroy(record.uuid, record.handle)
+            try:
+                backend.destroy(record.uuid, record.handle)
+            except BackendError as err:  # its leftover is removed by a later reconcile
+                LOG.error("lm=%s: cannot remove its engine object now: %s", record.name, err)
         LOG.info(
             "lm=%s machinetype=%s: finished: %s (%s)",
             record.name,
@@ -232,7 +246,18 @@ class Factory:
         now = self.clock()
         seen: set[str] = set()
         for backend in self.backends.values():
-            for owned in backend.list_owned():
+            probe = backend.probe()
+            if probe.health is not Health.OK:
+                self._unavailable(backend, probe.detail)
+                continue
+            if self.unavailable.pop(backend.name, None) is not None:
+                LOG.info("backend=%s: available again (%s)", backend.name, probe.detail)
+            try:
+                owned_objects = backend.list_owned()
+            except BackendError as err:
+                self._unavailable(backend, err)
+                continue
+            for owned in owned_objects:
                 if owned.factory != self.store.factory_id or owned.uuid in active:
                     continue
                 seen.add(owned.uuid)
@@ -262,6 +287,12 @@ class Factory:
             self.cleanup_directories()
             self._next_cleanup = now + CLEANUP_SECONDS
 
+    def _unavailable(self, backend: Backend, why: object) -> None:
+        """Start no LM of this backend until a reconcile finds it working; keep the others."""
+        if backend.name not in self.unavailable:
+            LOG.error("backend=%s: unavailable, its machinetypes wait: %s", backend.name, why)
+        self.unavailable[backend.name] = str(why)
+
     def _handle_requests(self, report: PassReport) -> None:
         for uuid, action, grace in self.store.take_requests():
             record = self.store.get(uuid)
@@ -286,7 +317,10 @@ class Factory:
                 stop_deadline=self.clock() + seconds,
             )
         assert record.handle is not None
-        backend.stop(record.uuid, record.handle, force=seconds <= 0)
+        try:
+            backend.stop(record.uuid, record.handle, force=seconds <= 0)
+        except BackendError as err:  # the kill is retried when the grace period is over
+            LOG.error("lm=%s: cannot signal it now: %s", record.name, err)
         LOG.info("lm=%s: stopping (%s), kill after %.0f s", record.name, reason.message, seconds)
         return record
 
@@ -304,7 +338,10 @@ class Factory:
                 if record.stop_deadline is not None and now >= record.stop_deadline:
                     backend = self.backends.get(record.backend)
                     if backend is not None:
-                        backend.stop(record.uuid, record.handle, force=True)
+                        try:
+                            backend.stop(record.uuid, record.handle, force=True)
+                        except BackendError as err:
+                            self._unavailable(backend, err)
                 continue
             if record.state is not LmState.RUNNING:
                 continue
@@ -356,6 +393,13 @@ class Factory:
         ]
         histories = self.histories()
         config = self.config
+        usable = {
+            name: mt
+            for name, mt in config.machinetypes.items()
+            if mt.backend.value in self.backends and mt.backend.value not in self.unavailable
+        }
+        if len(usable) < len(config.machinetypes):  # the others' engines are missing or down
+            config = replace(config, machinetypes=usable)
         if self.store.meta("draining") == "1":  # `lmrunner drain`, on top of the configuration
             config = replace(config, factory=replace(config.factory, draining=True))
         decisions = slots.plan(
