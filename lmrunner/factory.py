@@ -604,6 +604,23 @@ class Factory:
         self.stopping_requested.set()
         self.events.put("")
 
+    def remove_all(self) -> int:
+        """Kill and remove every engine object of this factory (tests, demos); returns how many.
+
+        Never used by the daemon itself: a factory's LMs outlive it by design.
+        """
+        count = 0
+        for backend in self.backends.values():
+            try:
+                for owned in backend.list_owned():
+                    if owned.factory == self.store.factory_id:
+                        backend.stop(owned.uuid, owned.handle, force=True)
+                        backend.destroy(owned.uuid, owned.handle)
+                        count += 1
+            except BackendError as err:
+                LOG.error("backend=%s: cannot remove this factory's objects: %s", backend.name, err)
+        return count
+
     def close(self) -> None:
         for backend in self.backends.values():
             backend.close()

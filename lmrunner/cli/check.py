@@ -37,6 +37,14 @@ def run(args: argparse.Namespace) -> int:
     config = load(args, refresh_pipes=args.refresh_pipes, check_files=not args.skip_file_checks)
     for warning in config.warnings:
         print(f"lmrunner: warning: {warning}", file=sys.stderr)
+    for mt in config.machinetypes.values():
+        if mt.capabilities:  # widening what a payload may do deserves a second look
+            added = ", ".join(mt.capabilities)
+            print(
+                f"lmrunner: warning: machinetypes.{mt.name}.capabilities: LMs get {added} "
+                "beyond lmrunner's reduced default set",
+                file=sys.stderr,
+            )
     if args.quiet:
         return 0
     header = [f"# effective configuration from {', '.join(map(str, config.files))}"]

@@ -152,6 +152,7 @@ class Harness:
 
     def close(self) -> None:
         for factory in self.factories:
+            factory.remove_all()  # LMs outlive factories by design; tests must not leave them
             factory.close()
             factory.store.close()
 

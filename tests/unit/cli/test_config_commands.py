@@ -120,3 +120,14 @@ def test_example_configuration_is_valid(capsys: pytest.CaptureFixture[str]) -> N
     example = REPO / "examples" / "lmrunner.yaml"
     assert main(["check", "--config", str(example), "--skip-file-checks", "--quiet"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_check_warns_about_widened_capabilities(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site.write_text(site.read_text() + "    capabilities: [SYS_ADMIN]\n")
+    assert main(["check", "--config", str(site), "--quiet"]) == 0
+    assert capsys.readouterr().err == (
+        "lmrunner: warning: machinetypes.lhcb-dc.capabilities: LMs get SYS_ADMIN beyond "
+        "lmrunner's reduced default set\n"
+    )
