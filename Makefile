@@ -42,9 +42,10 @@ images:
 image:
 	scripts/build-image
 
-## bench: the core benchmark (fake backend; figures as JSON on the last line)
+## bench: the benchmarks (figures as JSON on the last line of each)
 bench:
 	$(PY) bench/core.py
+	$(PY) bench/start_latency.py --backend docker
 
 clean:
 	rm -rf build .cache .pytest_cache .mypy_cache .ruff_cache

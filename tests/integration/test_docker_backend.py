@@ -243,3 +243,27 @@ def test_image_that_cannot_be_pulled_is_a_clear_start_failure(
     assert record.state is LmState.FAILED
     assert record.outcome is not None and record.outcome.source is OutcomeSource.START_FAILED
     assert "registry.invalid/nothing:1 is not here and cannot be pulled" in record.outcome.text
+
+
+def test_lm_sees_its_hostname_binds_and_environment_and_its_log_is_kept(
+    tmp_path: Path, factory_of: Callable[[Config], Factory]
+) -> None:
+    script = (
+        "#!/bin/sh\necho payload-says-hello\n"
+        'echo "$(hostname) $JOBFEATURES $(cat $JOBFEATURES/allocated_cpu)" > $JOBOUTPUTS/seen\n'
+        "touch /scratch/x && echo scratch-writable >> $JOBOUTPUTS/seen\n"
+        "touch /user_data 2>/dev/null || echo user_data-read-only >> $JOBOUTPUTS/seen\n"
+        "touch /etc/jobfeatures/x 2>/dev/null || echo jobfeatures-read-only >> $JOBOUTPUTS/seen\n"
+    )
+    factory = factory_of(load_config(make_config(tmp_path, script, tmp_binds=["/scratch"]), cpus=1))
+    drive(factory, lambda: bool(factory.store.recent()))
+    lm = first(factory)
+    drive(factory, lambda: ended(factory, lm.uuid))
+    seen = (lm.directory / "joboutputs" / "seen").read_text().split("\n")
+    assert seen[0] == f"{lm.name} /etc/jobfeatures 1"
+    assert seen[1:4] == ["scratch-writable", "user_data-read-only", "jobfeatures-read-only"]
+    # destroy() kept what the container printed before removing it.
+    assert "payload-says-hello" in (lm.directory / "container.log").read_text()
+    done = factory.store.get(lm.uuid)
+    assert done is not None and done.outcome is not None
+    assert done.outcome.message == "200 Intended work completed ok"
