@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, ClassVar
 
 import docker
@@ -35,16 +35,11 @@ from lmrunner.backends.base import (
     Status,
 )
 from lmrunner.errors import BackendUnavailable, MachineNotFound, SpecError, StartError
-from lmrunner.model import Placement
+from lmrunner.model import ETC_PLACEMENT, Placement
 
 LOG = logging.getLogger(__name__)
 
-PLACEMENT = Placement(
-    user_data=PurePosixPath("/user_data"),
-    machinefeatures=PurePosixPath("/etc/machinefeatures"),
-    jobfeatures=PurePosixPath("/etc/jobfeatures"),
-    joboutputs=PurePosixPath("/var/spool/joboutputs"),
-)
+PLACEMENT = ETC_PLACEMENT
 HANDLE_VERSION = 1
 MIN_API = (1, 40)  # Docker 19.03: nano_cpus, pids_limit, events with label filters
 #: Docker's default set less MKNOD, NET_RAW, SETFCAP, SETPCAP and AUDIT_WRITE, which payloads

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, ClassVar
 
 from lmrunner import atomic
@@ -30,7 +30,7 @@ from lmrunner.backends.base import (
     Status,
 )
 from lmrunner.errors import MachineNotFound, SpecError, StartError
-from lmrunner.model import Placement
+from lmrunner.model import ETC_PLACEMENT, Placement
 
 HANDLE_VERSION = 1
 
@@ -79,12 +79,7 @@ class FakeBackend:
     """LMs as files plus time; see the module docstring."""
 
     name: ClassVar[str] = "fake"
-    placement: ClassVar[Placement] = Placement(
-        user_data=PurePosixPath("/user_data"),
-        machinefeatures=PurePosixPath("/etc/machinefeatures"),
-        jobfeatures=PurePosixPath("/etc/jobfeatures"),
-        joboutputs=PurePosixPath("/var/spool/joboutputs"),
-    )
+    placement: ClassVar[Placement] = ETC_PLACEMENT
     runs_as_sc_user: ClassVar[bool] = False
 
     def __init__(self, engine_dir: Path, clock: Callable[[], float] = time.time) -> None:

@@ -12,22 +12,17 @@ import os
 import time
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from lmrunner import runner
 from lmrunner.errors import CommandError, CommandTimeout
-from lmrunner.model import Placement
+from lmrunner.model import ETC_PLACEMENT
 
 LOG = logging.getLogger(__name__)
 
 #: In the guest: the 9p shares are mounted where Docker LMs have them (images/vcbusybox/README.md);
 #: user_data arrives on the config drive and is copied to /user_data.
-PLACEMENT = Placement(
-    user_data=PurePosixPath("/user_data"),
-    machinefeatures=PurePosixPath("/etc/machinefeatures"),
-    jobfeatures=PurePosixPath("/etc/jobfeatures"),
-    joboutputs=PurePosixPath("/var/spool/joboutputs"),
-)
+PLACEMENT = ETC_PLACEMENT
 
 #: What the vcbusybox init prints when booted with ``vcbusybox.probe=1``.
 PROBE_MARKER = "VCBUSYBOX-PROBE-OK"

@@ -33,6 +33,15 @@ class Placement:
     cvmfs: PurePosixPath = PurePosixPath("/cvmfs")
 
 
+#: Vac's placement for Docker LMs (vac.md §4.5); VM guests (vcbusybox) mount their shares there too.
+ETC_PLACEMENT = Placement(
+    user_data=PurePosixPath("/user_data"),
+    machinefeatures=PurePosixPath("/etc/machinefeatures"),
+    jobfeatures=PurePosixPath("/etc/jobfeatures"),
+    joboutputs=PurePosixPath("/var/spool/joboutputs"),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """An LM's resources: what its cgroup enforces and what machine/job features announce."""
