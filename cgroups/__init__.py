@@ -1,4 +1,85 @@
 """The cgroup controller (v2 first, v1 fallback) used by every backend.
 
 Installed as ``lmrunner.cgroups`` (the repository keeps this folder at top level).
+:func:`open_controller` is the only place that chooses a driver; everything else uses the
+:class:`~lmrunner.cgroups.base.CgroupController` interface.
 """
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+from lmrunner.cgroups.base import CgroupController, CgroupRef, Usage
+from lmrunner.cgroups.mountinfo import CgroupMounts, Mode, detect, own_cgroups, parse
+from lmrunner.cgroups.v1 import OPTIONAL, REQUIRED, V1Controller
+from lmrunner.cgroups.v2 import V2Controller
+from lmrunner.errors import CgroupError, CgroupUnsupported
+
+__all__ = [
+    "CgroupController",
+    "CgroupMounts",
+    "CgroupRef",
+    "Mode",
+    "Usage",
+    "V1Controller",
+    "V2Controller",
+    "detect",
+    "open_controller",
+    "parse",
+]
+
+
+def _reroot(path: PurePosixPath, root_override: Path | None) -> Path:
+    """``path`` as seen from ``root_override`` (a fake filesystem root in tests)."""
+    return Path(path) if root_override is None else root_override / path.relative_to("/")
+
+
+def _v1_bases(
+    mounts: CgroupMounts, own: dict[str, str], root_override: Path | None
+) -> dict[str, Path]:
+    """Per controller: its mount point joined with this process's own cgroup in it.
+
+    ``/proc/self/cgroup`` paths are relative to the hierarchy's root; the mount may show only a
+    subtree of it (mountinfo field 4, e.g. inside a cgroup namespace), so that part is dropped.
+    """
+    bases: dict[str, Path] = {}
+    for controller in (*REQUIRED, *OPTIONAL):
+        mount = mounts.v1.get(controller)
+        if mount is None:
+            continue
+        base = _reroot(mount.mount_point, root_override)
+        own_path = PurePosixPath(own.get(controller, "/"))
+        if own_path.is_relative_to(mount.root):
+            base = base / own_path.relative_to(mount.root)
+        bases[controller] = base
+    return bases
+
+
+def open_controller(
+    parent: str,
+    *,
+    mountinfo_path: Path = Path("/proc/self/mountinfo"),
+    proc_cgroup_path: Path = Path("/proc/self/cgroup"),
+    root_override: Path | None = None,
+) -> CgroupController:
+    """The controller for this host: v2 when unified, v1 on hybrid and legacy hosts.
+
+    On hybrid hosts the v1 controllers hold the limits (their cgroup2 mount usually has no
+    controller enabled). ``root_override`` is prepended to every mount point (tests point it at a
+    fake cgroupfs). Raises CgroupUnsupported when no cgroup filesystem is mounted or the v1
+    hierarchies lmrunner needs are missing.
+    """
+    try:
+        mounts = parse(mountinfo_path.read_text())
+        own_text = proc_cgroup_path.read_text() if proc_cgroup_path.exists() else ""
+    except OSError as err:
+        raise CgroupUnsupported(f"cannot read the cgroup layout: {err}") from err
+    if mounts.mode is Mode.UNIFIED:
+        assert mounts.v2 is not None
+        return V2Controller(_reroot(mounts.v2, root_override), parent)
+    if mounts.mode in (Mode.HYBRID, Mode.LEGACY):
+        try:
+            return V1Controller(_v1_bases(mounts, own_cgroups(own_text), root_override), parent)
+        except CgroupError as err:
+            raise CgroupUnsupported(str(err)) from err
+    raise CgroupUnsupported("no cgroup filesystem is mounted")
