@@ -202,7 +202,9 @@ class DockerBackend:
 
     def list_owned(self) -> list[Owned]:
         try:
-            containers = self.client.containers.list(all=True, filters={"label": LABEL_FACTORY})
+            containers = self._retrying(
+                lambda client: client.containers.list(all=True, filters={"label": LABEL_FACTORY})
+            )
         except (docker.errors.DockerException, requests.RequestException) as err:
             raise BackendUnavailable(self.name, f"cannot list containers: {err}") from err
         return [
@@ -261,9 +263,18 @@ class DockerBackend:
                 lost_at = time.time()
             self._closed.wait(1.0)
 
+    def _retrying(self, call: Callable[[Any], Any]) -> Any:
+        """``call(client)``, once more on a fresh connection if the first one is dead (a
+        restarted dockerd leaves the pooled connection broken)."""
+        try:
+            return call(self.client)
+        except requests.ConnectionError:
+            self._client = None
+            return call(self.client)
+
     def _container(self, handle: Handle) -> Any:
         try:
-            return self.client.containers.get(handle.data["id"])
+            return self._retrying(lambda client: client.containers.get(handle.data["id"]))
         except docker.errors.NotFound as err:
             raise MachineNotFound(
                 self.name, f"container {handle.data['id'][:12]} not found"
