@@ -73,6 +73,10 @@ def factory_of(docker_client: Any, vcbusybox: Path) -> Iterator[Callable[[Config
     yield make
     for factory in made:
         factory.remove_all()  # LMs outlive factories by design; tests must not leave them
+        # A safety net on a fresh connection (the factory's may have died with dockerd).
+        label = f"org.lmrunner.factory={factory.store.factory_id}"
+        for container in docker_client.containers.list(all=True, filters={"label": label}):
+            container.remove(force=True)
         factory.close()
         factory.store.close()
 
