@@ -193,6 +193,11 @@ def test_daemon_killed_with_sigkill_adopts_its_container(
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=30)
+        # The second daemon went on starting LMs, which outlive it by design: remove them.
+        factory_id = Store(state, readonly=True).factory_id
+        label = f"org.lmrunner.factory={factory_id}"
+        for container in docker_client.containers.list(all=True, filters={"label": label}):
+            container.remove(force=True)
     assert "Traceback" not in log.read_text()
 
 
