@@ -189,7 +189,11 @@ def test_daemon_killed_with_sigkill_adopts_its_container(
         assert record.handle is not None and record.handle.data["id"] == container_id  # adopted
         # Exactly one record for that LM, and its container is gone.
         assert [r.uuid for r in store.recent()].count(running[0].uuid) == 1
-        assert not docker_client.containers.list(all=True, filters={"id": container_id})
+        # The daemon records the end first, then removes the container: give it a moment.
+        deadline = time.monotonic() + 15
+        while docker_client.containers.list(all=True, filters={"id": container_id}):
+            assert time.monotonic() < deadline, "the finished LM's container was not removed"
+            time.sleep(0.2)
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=30)
