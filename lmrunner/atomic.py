@@ -8,12 +8,18 @@ from pathlib import Path
 
 
 def write_text(
-    path: Path, text: str, *, mode: int = 0o644, owner: tuple[int, int] | None = None
+    path: Path,
+    text: str,
+    *,
+    mode: int = 0o644,
+    owner: tuple[int, int] | None = None,
+    durable: bool = True,
 ) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename.
 
     The temporary file gets ``mode`` (and ``owner``) before any byte is written, so a secret is
-    never readable by others even for a moment.
+    never readable by others even for a moment. ``durable=False`` skips the fsync, for files in
+    a folder nobody uses yet (an LM being prepared: a crash there discards the whole folder).
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -23,7 +29,8 @@ def write_text(
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         Path(tmp).replace(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

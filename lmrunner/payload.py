@@ -284,10 +284,10 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:.2f}"
 
 
-def write_features(directory: Path, files: Mapping[str, str]) -> None:
+def write_features(directory: Path, files: Mapping[str, str], *, durable: bool = True) -> None:
     directory.mkdir(mode=0o755, exist_ok=True)
     for key, value in files.items():
-        atomic.write_text(directory / key, value)
+        atomic.write_text(directory / key, value, durable=durable)
 
 
 def update_shutdowntime(lm_dir: Path, shutdown_time: int) -> bool:
@@ -370,11 +370,13 @@ def _fill(
     # 0755 so the default container_command (/user_data) runs. With a key or proxy inside it is
     # the LM account's alone: 0700 (0600 plus the execute bit that command needs).
     atomic.write_text(lm_dir / "user_data", text, mode=0o700 if secret else 0o755,
-                      owner=owner if secret else None)  # fmt: skip
+                      owner=owner if secret else None, durable=False)  # fmt: skip
 
     machine, job = features(config, mt, lm, limits, created=created, shutdown_time=shutdown_time)
-    write_features(lm_dir / "machinefeatures", machine)
-    write_features(lm_dir / "jobfeatures", job)
+    # No fsync per file: until the LM starts nobody reads them, and a crash before that discards
+    # the whole directory (a half-created LM); starts are on the factory's hot path.
+    write_features(lm_dir / "machinefeatures", machine, durable=False)
+    write_features(lm_dir / "jobfeatures", job, durable=False)
     joboutputs = lm_dir / "joboutputs"
     joboutputs.mkdir(mode=0o755)
     _chown(joboutputs, owner)
