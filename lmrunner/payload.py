@@ -340,65 +340,51 @@ def prepare(
     """
     lm_dir.mkdir(mode=0o755, parents=True, exist_ok=False)
     try:
-        return _fill(config, mt, lm, placement, processors, created, shutdown_time, lm_dir, owner,
-                     session)  # fmt: skip
+        limits = limits_for(config, mt, processors)
+        template, url = read_template(config, mt, session)
+        proxy_pem = make_proxy(config, mt, shutdown_time)
+        values = template_values(config, mt, lm, placement, user_data_url=url, proxy_pem=proxy_pem)
+        text = render_user_data(template, values.values)
+        secret = any(values.values[key] and f"##{key}##" in template for key in values.secrets) or (
+            proxy_pem is not None
+        )
+        # 0755 so the default container_command (/user_data) runs. With a key or proxy inside it is
+        # the LM account's alone: 0700 (0600 plus the execute bit that command needs).
+        atomic.write_text(lm_dir / "user_data", text, mode=0o700 if secret else 0o755,
+                          owner=owner if secret else None, durable=False)  # fmt: skip
+
+        machine, job = features(
+            config, mt, lm, limits, created=created, shutdown_time=shutdown_time
+        )
+        # No fsync per file: until the LM starts nobody reads them, and a crash before that discards
+        # the whole directory (a half-created LM); starts are on the factory's hot path.
+        write_features(lm_dir / "machinefeatures", machine, durable=False)
+        write_features(lm_dir / "jobfeatures", job, durable=False)
+        joboutputs = lm_dir / "joboutputs"
+        joboutputs.mkdir(mode=0o755)
+        _chown(joboutputs, owner)
+
+        mounts = [
+            Mount(lm_dir / "user_data", placement.user_data, read_only=True),
+            Mount(lm_dir / "machinefeatures", placement.machinefeatures, read_only=True),
+            Mount(lm_dir / "jobfeatures", placement.jobfeatures, read_only=True),
+            Mount(joboutputs, placement.joboutputs, read_only=False),
+        ]
+        if mt.cvmfs_repositories:
+            mounts.append(Mount(Path("/cvmfs"), placement.cvmfs, read_only=True))
+        if mt.tmp_binds:
+            mnt = lm_dir / "mnt"
+            mnt.mkdir(mode=0o755, exist_ok=True)
+            for index, target in enumerate(mt.tmp_binds):
+                folder = mnt / f"tmp{index}"
+                folder.mkdir(mode=0o755)
+                _chown(folder, owner)
+                mounts.append(Mount(folder, PurePosixPath(target), read_only=False))
+        env = mjf_locations(placement, mt.mjf_env_style)
+        return Prepared(lm_dir, tuple(mounts), env, limits, shutdown_time)
     except BaseException:
         shutil.rmtree(lm_dir, ignore_errors=True)  # no half-made LM directory stays behind
         raise
-
-
-def _fill(
-    config: Config,
-    mt: MachinetypeConfig,
-    lm: LmIdentity,
-    placement: Placement,
-    processors: int,
-    created: int,
-    shutdown_time: int,
-    lm_dir: Path,
-    owner: tuple[int, int],
-    session: requests.Session | None,
-) -> Prepared:
-    limits = limits_for(config, mt, processors)
-    template, url = read_template(config, mt, session)
-    proxy_pem = make_proxy(config, mt, shutdown_time)
-    values = template_values(config, mt, lm, placement, user_data_url=url, proxy_pem=proxy_pem)
-    text = render_user_data(template, values.values)
-    secret = any(values.values[key] and f"##{key}##" in template for key in values.secrets) or (
-        proxy_pem is not None
-    )
-    # 0755 so the default container_command (/user_data) runs. With a key or proxy inside it is
-    # the LM account's alone: 0700 (0600 plus the execute bit that command needs).
-    atomic.write_text(lm_dir / "user_data", text, mode=0o700 if secret else 0o755,
-                      owner=owner if secret else None, durable=False)  # fmt: skip
-
-    machine, job = features(config, mt, lm, limits, created=created, shutdown_time=shutdown_time)
-    # No fsync per file: until the LM starts nobody reads them, and a crash before that discards
-    # the whole directory (a half-created LM); starts are on the factory's hot path.
-    write_features(lm_dir / "machinefeatures", machine, durable=False)
-    write_features(lm_dir / "jobfeatures", job, durable=False)
-    joboutputs = lm_dir / "joboutputs"
-    joboutputs.mkdir(mode=0o755)
-    _chown(joboutputs, owner)
-
-    mounts = [
-        Mount(lm_dir / "user_data", placement.user_data, read_only=True),
-        Mount(lm_dir / "machinefeatures", placement.machinefeatures, read_only=True),
-        Mount(lm_dir / "jobfeatures", placement.jobfeatures, read_only=True),
-        Mount(joboutputs, placement.joboutputs, read_only=False),
-    ]
-    if mt.cvmfs_repositories:
-        mounts.append(Mount(Path("/cvmfs"), placement.cvmfs, read_only=True))
-    if mt.tmp_binds:
-        mnt = lm_dir / "mnt"
-        mnt.mkdir(mode=0o755, exist_ok=True)
-        for index, target in enumerate(mt.tmp_binds):
-            folder = mnt / f"tmp{index}"
-            folder.mkdir(mode=0o755)
-            _chown(folder, owner)
-            mounts.append(Mount(folder, PurePosixPath(target), read_only=False))
-    env = mjf_locations(placement, mt.mjf_env_style)
-    return Prepared(lm_dir, tuple(mounts), env, limits, shutdown_time)
 
 
 def _chown(path: Path, owner: tuple[int, int]) -> None:
