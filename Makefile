@@ -30,7 +30,8 @@ typecheck:
 test-host:
 	$(PY) -m pytest -m "not cgroup_v2" tests
 
-## test-v2: the cgroup_v2 tests inside a virtme-ng guest (Debian kernel, TCG, pure cgroup v2)
+## test-v2: inside a virtme-ng guest (Debian kernel, TCG, pure cgroup v2): the cgroup_v2 tests
+## and the Apptainer contract suite (the apptainer-marked tests of tests/contract)
 test-v2:
 	scripts/test-v2-guest
 
@@ -46,6 +47,10 @@ image:
 bench:
 	$(PY) bench/core.py
 	$(PY) bench/start_latency.py --backend docker
+	$(PY) bench/start_latency.py --backend apptainer
+	$(PY) bench/start_latency.py --backend vm --repeat 5
+	$(PY) bench/accounting.py --backend docker
+	$(PY) bench/accounting.py --backend apptainer
 
 clean:
 	rm -rf build .cache .pytest_cache .mypy_cache .ruff_cache

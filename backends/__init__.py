@@ -1,7 +1,9 @@
 """Backends that run logical machines: one module per engine, all behind one protocol.
 
 Installed as ``lmrunner.backends`` (the repository keeps this folder at top level). The core
-looks backends up here by name and never branches on which one it has.
+looks backends up here by name and never branches on which one it has. Every backend is made
+from the factory's configuration and the host's cgroup controller (None when the host gives
+lmrunner no cgroups); engine modules are imported only when their backend is made.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from lmrunner.backends.fake import FakeBackend
 from lmrunner.model import Placement
 
 if TYPE_CHECKING:
+    from lmrunner.cgroups.base import CgroupController
     from lmrunner.config import FactoryConfig
 
 #: Where each backend puts an LM's files inside the LM.
@@ -25,13 +28,19 @@ PLACEMENTS: Mapping[str, Placement] = {
     "fake": FakeBackend.placement,
 }
 
-#: How to make each backend that exists, from the factory's configuration.
-REGISTRY: Mapping[str, Callable[[FactoryConfig], Backend]] = {
-    "fake": lambda factory: FakeBackend(factory.state_dir / "fake-engine"),
-    "docker": lambda factory: docker.DockerBackend(cgroup_parent=factory.cgroup_parent),
+Maker = Callable[["FactoryConfig", "CgroupController | None"], Backend]
+
+#: How to make each backend that exists, from the factory's configuration and the cgroups.
+REGISTRY: Mapping[str, Maker] = {
+    "fake": lambda factory, cgroups: FakeBackend(factory.state_dir / "fake-engine"),
+    "docker": lambda factory, cgroups: docker.DockerBackend(cgroup_parent=factory.cgroup_parent),
+    "apptainer": lambda factory, cgroups: apptainer.ApptainerBackend(factory, cgroups),
+    "vm": lambda factory, cgroups: vm.VmBackend(factory, cgroups),
 }
 
 
-def make_backends(names: set[str], factory: FactoryConfig) -> dict[str, Backend]:
+def make_backends(
+    names: set[str], factory: FactoryConfig, cgroups: CgroupController | None = None
+) -> dict[str, Backend]:
     """The backends for these names that exist in this lmrunner (others are reported missing)."""
-    return {name: REGISTRY[name](factory) for name in sorted(names) if name in REGISTRY}
+    return {name: REGISTRY[name](factory, cgroups) for name in sorted(names) if name in REGISTRY}

@@ -15,6 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+from lmrunner.cgroups.base import CgroupRef
 from lmrunner.model import Handle, Limits, Mount, Placement
 
 __all__ = ["Handle"]  # defined with the other shared value types; part of this contract
@@ -58,6 +59,21 @@ class MachineSpec:
     options: Mapping[str, Any] = field(
         default_factory=dict
     )  # backend-specific, checked by validate
+    cgroup: LmCgroup | None = None  # None: this host gives lmrunner no cgroups
+
+
+@dataclass(frozen=True, slots=True)
+class LmCgroup:
+    """The LM's cgroup, created and limited by the core before ``start``.
+
+    Process backends start their engine inside it (``procs_files``, see
+    :mod:`lmrunner.process`); engines that make their own cgroup (Docker) put it below
+    ``engine_path``. Usage, OOM kills and the final kill/removal are the core's business.
+    """
+
+    ref: CgroupRef
+    procs_files: tuple[Path, ...]
+    engine_path: str | None
 
 
 class EngineState(StrEnum):

@@ -57,7 +57,7 @@ class DockerBackend:
     runs_as_sc_user: ClassVar[bool] = False
 
     def __init__(
-        self, cgroup_parent: str = "lmrunner", client_factory: Callable[[], Any] | None = None
+        self, cgroup_parent: str = "/lmrunner", client_factory: Callable[[], Any] | None = None
     ) -> None:
         self.cgroup_parent = "/" + cgroup_parent.strip("/")
         self._client_factory = client_factory or (lambda: docker.from_env(timeout=60))
@@ -126,7 +126,13 @@ class DockerBackend:
                 mem_limit=spec.limits.memory_bytes,
                 memswap_limit=spec.limits.memory_bytes + spec.limits.swap_bytes,
                 pids_limit=spec.limits.pids or None,
-                cgroup_parent=self.cgroup_parent,
+                # Below the LM's cgroup, whose limits and counters then cover the container;
+                # runc makes the container's own cgroup there and removes it with the container.
+                cgroup_parent=(
+                    spec.cgroup.engine_path
+                    if spec.cgroup is not None and spec.cgroup.engine_path is not None
+                    else self.cgroup_parent
+                ),
                 security_opt=["no-new-privileges"],
                 cap_drop=["ALL"],
                 cap_add=capabilities,

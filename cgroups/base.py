@@ -174,6 +174,24 @@ class CgroupController(Protocol):
         """SIGKILL every process in the cgroup and wait until it is empty (or raise)."""
         ...
 
+    def signal(self, ref: CgroupRef, signum: int) -> int:
+        """Send ``signum`` to every process in the cgroup's subtree; return how many got it."""
+        ...
+
+    def procs_files(self, ref: CgroupRef) -> tuple[Path, ...]:
+        """The ``cgroup.procs`` files a new process writes itself into (one per hierarchy).
+
+        :func:`enter` writes them from a forked child before it executes anything, so nothing
+        the LM runs exists outside its cgroup for a moment.
+        """
+        ...
+
+    def engine_path(self, ref: CgroupRef) -> str | None:
+        """The cgroup's path from the hierarchy root(s) (``/lmrunner/lm-...``), for engines that
+        create their own cgroup below it (Docker's ``cgroup_parent``); None when the path differs
+        between v1 hierarchies and no single path names it."""
+        ...
+
     def remove(self, ref: CgroupRef) -> None:
         """Remove the (empty) cgroup; removing one that is gone already is no error."""
         ...
@@ -336,6 +354,49 @@ def sigkill_until_empty(
         if time.monotonic() > deadline:
             raise CgroupError(f"{what} still has processes {sorted(list_pids())} after {timeout} s")
         time.sleep(0.02)
+
+
+def signal_all(pids: Iterable[int], signum: int) -> int:
+    """Send ``signum`` to each of ``pids``; those that are gone already are skipped."""
+    count = 0
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            continue
+        count += 1
+    return count
+
+
+def enter(procs_files: Iterable[Path]) -> None:
+    """Move the calling process into a cgroup by writing ``0`` (itself) to its procs files.
+
+    Meant for a forked child before exec (``preexec_fn``): only raw ``os`` calls, no locks.
+    """
+    for path in procs_files:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+
+
+def live_usage(ref: CgroupRef) -> tuple[float, int] | None:
+    """CPU seconds and current memory of a cgroup, read straight from its files (for ``ps``,
+    which must stay light: no mountinfo, no controller); None when the cgroup is gone."""
+    try:
+        if ref.version == 2:
+            path = ref.path("unified")
+            if path is None:
+                return None
+            cpu = read_keyed(path / "cpu.stat").get("usage_usec", 0) / 1e6
+            return cpu, read_int(path / "memory.current")
+        cpuacct, memory = ref.path("cpuacct"), ref.path("memory")
+        if cpuacct is None or memory is None:
+            return None
+        return read_int(cpuacct / "cpuacct.usage") / 1e9, read_int(memory / "memory.usage_in_bytes")
+    except CgroupError:
+        return None
 
 
 def parent_relative(parent: str) -> Path:

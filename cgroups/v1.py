@@ -36,6 +36,7 @@ from lmrunner.cgroups.base import (
     remove_if_empty,
     rmdir_tree,
     sigkill_until_empty,
+    signal_all,
     tree_pids,
     write,
 )
@@ -55,11 +56,23 @@ class V1Controller:
 
     version = 1
 
-    def __init__(self, bases: Mapping[str, Path], parent: str) -> None:
+    def __init__(
+        self,
+        bases: Mapping[str, Path],
+        parent: str,
+        *,
+        roots: Mapping[str, Path] | None = None,
+        others: Mapping[str, Path] | None = None,
+    ) -> None:
+        """``roots``: each hierarchy's mount point (for :meth:`engine_path`); ``others``: bases
+        of the mounted hierarchies lmrunner does not use (cpuset, blkio, ``name=systemd``...),
+        where an engine given :meth:`engine_path` as its parent creates directories too."""
         missing = [c for c in REQUIRED if c not in bases]
         if missing:
             raise CgroupError(f"cgroup v1 hierarchies {missing} are not mounted")
         self.bases = {c: bases[c] for c in (*REQUIRED, *OPTIONAL) if c in bases}
+        self.roots = dict(roots or {})
+        self.others = dict(others or {})
         self.parent_rel = parent_relative(parent)
         self._created: list[Path] = []
 
@@ -190,10 +203,32 @@ class V1Controller:
 
         sigkill_until_empty(lambda: self.pids(ref), timeout, ref.name, around=around)
 
+    def signal(self, ref: CgroupRef, signum: int) -> int:
+        return signal_all(self.pids(ref), signum)
+
+    def procs_files(self, ref: CgroupRef) -> tuple[Path, ...]:
+        self._paths(ref)
+        return tuple(path / "cgroup.procs" for path in ref.unique_paths())
+
+    def engine_path(self, ref: CgroupRef) -> str | None:
+        relative = set()
+        for controller, path in self._paths(ref).items():
+            root = self.roots.get(controller)
+            if root is None or not path.is_relative_to(root):
+                return None
+            relative.add(path.relative_to(root).as_posix())
+        return "/" + relative.pop() if len(relative) == 1 else None
+
     def remove(self, ref: CgroupRef) -> None:
         self._paths(ref)
         for path in ref.unique_paths():
             rmdir_tree(path)
+        # An engine told engine_path() (runc) made this LM's directory in every hierarchy; the
+        # empty ones it left in hierarchies lmrunner does not use go with the LM.
+        for base in dict.fromkeys(self.others.values()):
+            leftover = base / self.parent_rel / ref.name
+            if leftover.is_dir():
+                remove_if_empty([leftover])
 
     def release(self) -> None:
         remove_if_empty(self._created)

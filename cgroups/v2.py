@@ -32,6 +32,7 @@ from lmrunner.cgroups.base import (
     remove_if_empty,
     rmdir_tree,
     sigkill_until_empty,
+    signal_all,
     tree_pids,
     write,
 )
@@ -177,6 +178,15 @@ class V2Controller:
         if (path / "cgroup.kill").exists():
             write(path / "cgroup.kill", 1)
         sigkill_until_empty(lambda: tree_pids([path]), timeout, str(path))
+
+    def signal(self, ref: CgroupRef, signum: int) -> int:
+        return signal_all(self.pids(ref), signum)
+
+    def procs_files(self, ref: CgroupRef) -> tuple[Path, ...]:
+        return (self._path(ref) / "cgroup.procs",)
+
+    def engine_path(self, ref: CgroupRef) -> str | None:
+        return "/" + self._path(ref).relative_to(self.root).as_posix()
 
     def remove(self, ref: CgroupRef) -> None:
         rmdir_tree(self._path(ref))

@@ -106,10 +106,24 @@ class FactoryConfig:
         4096, "Most processes and threads per processor in an LM (pids limit; 0: none).", minimum=0
     )
     cgroup_parent: str = option(
-        "lmrunner",
-        "Parent cgroup of every LM (one child per LM), relative to each hierarchy's root.",
-        pattern=r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*",
-        pattern_text="a relative cgroup path such as lmrunner",
+        "/lmrunner",
+        "Parent cgroup of every LM (one child per LM). /path: from each hierarchy's root (one "
+        "path in every hierarchy, as Docker needs); path: under lmrunner's own cgroup (v1).",
+        pattern=r"/?[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*",
+        pattern_text="a cgroup path such as /lmrunner",
+    )
+    memory_high_ratio: float = option(
+        0.95,
+        "cgroup v2 memory.high as a fraction of the LM's memory limit (reclaim starts there).",
+        minimum=0.5,
+        maximum=1.0,
+    )
+    vm_accel: str = option(
+        "auto",
+        "QEMU accelerator for VM LMs: auto (KVM when a probe guest boots under it, else TCG), "
+        "kvm or tcg.",
+        pattern=r"auto|kvm|tcg",
+        pattern_text="auto, kvm or tcg",
     )
     swap_mb_per_processor: int = option(
         0, "Swap per processor an LM may use (max_swap_bytes).", unit="MiB", minimum=0
@@ -291,7 +305,25 @@ class MachinetypeConfig:
         minimum=0,
     )
     accounting_fqan: str | None = option(
-        None, "VOMS FQAN for APEL records and GOCDB shares.", vac="accounting_fqan"
+        None,
+        "VOMS FQAN for APEL records and GOCDB shares.",
+        vac="accounting_fqan",
+        pattern=r"/[^\s%]+",
+        pattern_text="an FQAN such as /lhcb/Role=pilot",
+    )
+    vm_initrd: str | None = option(
+        None,
+        "VM: initramfs booted with the kernel given as image (relative: in files/).",
+    )
+    vm_kernel_append: str = option(
+        "console=ttyS0 panic=-1", "VM: kernel command line when image is a kernel."
+    )
+    vm_network: str = option(
+        "user",
+        "VM networking: user (QEMU user-mode, outbound only, no root bridge) or bridge:NAME "
+        "(a bridge the admin prepared).",
+        pattern=r"user|bridge:[A-Za-z0-9_.-]+",
+        pattern_text="user or bridge:NAME",
     )
     machines_dir_days: float = option(
         3.0,

@@ -22,7 +22,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lmrunner import payload, slots
+from lmrunner import apel, payload, slots
+from lmrunner.accounting import AccountingRecord, Flag, vo_of
 from lmrunner.backends.base import (
     LABEL_FACTORY,
     LABEL_NAME,
@@ -30,11 +31,20 @@ from lmrunner.backends.base import (
     Backend,
     EngineState,
     Health,
+    LmCgroup,
     MachineSpec,
     Status,
 )
-from lmrunner.config import Config, MachinetypeConfig
-from lmrunner.errors import BackendError, BackendUnavailable, LmrunnerError, MachineNotFound
+from lmrunner.cgroups import CgroupController, CgroupRef, Usage, open_controller
+from lmrunner.config import Config, FactoryConfig, MachinetypeConfig
+from lmrunner.errors import (
+    BackendError,
+    BackendUnavailable,
+    CgroupError,
+    CgroupUnsupported,
+    LmrunnerError,
+    MachineNotFound,
+)
 from lmrunner.lifecycle import (
     LmState,
     Outcome,
@@ -50,6 +60,21 @@ from lmrunner.state import LmRecord, Store
 LOG = logging.getLogger(__name__)
 CLEANUP_SECONDS = 3600.0  # LM directories live for days: an hourly look is enough
 RESTART_OUTCOME = Outcome(100, "Start interrupted by a factory restart", OutcomeSource.START_FAILED)
+
+
+def host_cgroups(factory: FactoryConfig) -> CgroupController | None:
+    """The host's cgroup controller for ``factory.cgroup_parent``; None (logged) when this host
+    gives lmrunner no cgroups, in which case only engines with their own limits enforce any."""
+    try:
+        return open_controller(factory.cgroup_parent, memory_high_ratio=factory.memory_high_ratio)
+    except CgroupUnsupported as err:
+        LOG.warning("no cgroups for LMs (limits only where the engine sets them): %s", err)
+        return None
+
+
+def cgroup_name(uuid: str) -> str:
+    """An LM's cgroup: by uuid, since LM names are reused slot by slot."""
+    return f"lm-{uuid}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,10 +110,12 @@ class Factory:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         load_average: Callable[[], tuple[float, float, float]] = os.getloadavg,
+        cgroups: CgroupController | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.backends = backends
+        self.cgroups = cgroups
         self.tuning = tuning
         self.clock = clock
         self.rng = rng or random.Random()
@@ -146,9 +173,11 @@ class Factory:
         except BackendError as err:  # what is left becomes an orphan, removed by a reconcile
             LOG.error("lm=%s: cannot look for its engine object now: %s", record.name, err)
         shutil.rmtree(record.directory, ignore_errors=True)
-        self.store.transition(
+        record = self.store.transition(
             record.uuid, LmState.FAILED, outcome=RESTART_OUTCOME, finished=self.clock()
         )
+        self._account(record, None, self.config.machinetypes.get(record.machinetype))
+        self._remove_cgroup(record)
         LOG.warning("lm=%s: half-created before a restart; removed", record.name)
 
     # --- one pass ---------------------------------------------------------------------------
@@ -206,11 +235,17 @@ class Factory:
         message_file = record.directory / "joboutputs" / "shutdown_message"
         message = _read_message(message_file)
         ended = status.ended_at or self.clock()
+        usage = self._usage(record)
+        # The cgroup counts OOM kills the engine may not report (a payload's child, an adopted
+        # process whose status is unknown); a payload that exited 0 survived its child's.
+        oom = status.oom_killed or (
+            usage is not None and usage.oom_kills > 0 and status.exit_code != 0
+        )
         outcome = decide_outcome(
             message=message,
             stop_reason=record.stop_reason,
             exit_code=status.exit_code,
-            oom_killed=status.oom_killed,
+            oom_killed=oom,
             lost=status.state is EngineState.MISSING,
             lifetime=None if record.started is None else ended - record.started,
             fizzle_seconds=fizzle,
@@ -223,12 +258,21 @@ class Factory:
         ):
             # Vac wrote its own reason where the payload's would be; keep doing so for tools.
             message_file.write_text(outcome.message + "\n")
-        self.store.transition(record.uuid, LmState.FINISHED, outcome=outcome, finished=ended)
+        record = self.store.transition(
+            record.uuid,
+            LmState.FINISHED,
+            outcome=outcome,
+            finished=ended,
+            cpu_seconds=None if usage is None else usage.cpu_seconds,
+            memory_peak_bytes=_peak(record, usage),
+        )
         if record.handle is not None:
             try:
                 backend.destroy(record.uuid, record.handle)
             except BackendError as err:  # its leftover is removed by a later reconcile
                 LOG.error("lm=%s: cannot remove its engine object now: %s", record.name, err)
+        self._account(record, usage, mt)
+        self._remove_cgroup(record)
         LOG.info(
             "lm=%s machinetype=%s: finished: %s (%s)",
             record.name,
@@ -237,12 +281,131 @@ class Factory:
             outcome.source,
         )
 
+    # --- cgroups and accounting -----------------------------------------------------------
+
+    def _cgroup(self, record: LmRecord) -> CgroupRef | None:
+        if record.cgroup is None:
+            return None
+        try:
+            return CgroupRef.from_json(record.cgroup)
+        except CgroupError as err:
+            LOG.error("lm=%s: unreadable cgroup reference: %s", record.name, err)
+            return None
+
+    def _usage(self, record: LmRecord) -> Usage | None:
+        """The LM's cgroup counters, None when it has no cgroup (or they cannot be read)."""
+        ref = self._cgroup(record)
+        if ref is None or self.cgroups is None:
+            return None
+        try:
+            return self.cgroups.usage(ref)
+        except CgroupError as err:
+            LOG.error("lm=%s: cannot read its cgroup: %s", record.name, err)
+            return None
+
+    def _make_cgroup(self, record: LmRecord) -> LmCgroup | None:
+        """Create and limit the LM's cgroup before its engine starts anything."""
+        if self.cgroups is None:
+            return None
+        limits = record.limits
+        ref = self.cgroups.create(cgroup_name(record.uuid))
+        self.store.update(record.uuid, cgroup=ref.to_json())  # before anything can run in it
+        self.cgroups.set_limits(
+            ref,
+            cpus=float(limits.processors),
+            memory_bytes=limits.memory_bytes,
+            swap_bytes=limits.swap_bytes,
+            pids=limits.pids or 4_194_304,  # 0 means unlimited: the kernel's PID_MAX_LIMIT
+        )
+        return LmCgroup(
+            ref=ref,
+            procs_files=self.cgroups.procs_files(ref),
+            engine_path=self.cgroups.engine_path(ref),
+        )
+
+    def _remove_cgroup(self, record: LmRecord) -> bool:
+        """Kill what is left in an ended LM's cgroup and remove it; False to retry later."""
+        ref = self._cgroup(record)
+        if ref is None or self.cgroups is None:
+            return record.cgroup is None
+        try:
+            self.cgroups.kill(ref)
+            self.cgroups.remove(ref)
+        except CgroupError as err:
+            LOG.error("lm=%s: cannot remove its cgroup yet: %s", record.name, err)
+            return False
+        self.store.update(record.uuid, cgroup=None)
+        return True
+
+    def _account(self, record: LmRecord, usage: Usage | None, mt: MachinetypeConfig | None) -> None:
+        """Record the LM's accounting once, then write its APEL message."""
+        assert record.finished is not None
+        wall = 0.0 if record.started is None else max(record.finished - record.started, 0.0)
+        flags = set()
+        if record.started is None:
+            flags.add(Flag.FAILED)
+        elif mt is not None and wall < mt.fizzle_seconds:
+            flags.add(Flag.SHORT)
+        if usage is None:
+            flags.add(Flag.UNMEASURED)
+        oom_kills = 0 if usage is None else usage.oom_kills
+        if oom_kills or (record.outcome is not None and record.outcome.source is OutcomeSource.OOM):
+            flags.add(Flag.OOM)
+        fqan = mt.accounting_fqan if mt is not None else None
+        outcome = record.outcome or start_failed_outcome("unknown")
+        self.store.add_accounting(
+            AccountingRecord(
+                uuid=record.uuid,
+                name=record.name,
+                machinetype=record.machinetype,
+                backend=record.backend,
+                fqan=fqan,
+                vo=vo_of(fqan),
+                processors=record.processors,
+                # As the LM started: its limits hold the HS06 it was announced with.
+                hs06=None if record.limits.hs06 is None else record.limits.hs06 / record.processors,
+                created=record.created,
+                started=record.started,
+                finished=record.finished,
+                wall_seconds=wall,
+                cpu_seconds=record.cpu_seconds,
+                memory_peak_bytes=record.memory_peak_bytes,
+                oom_kills=oom_kills,
+                outcome_code=outcome.code,
+                outcome_text=outcome.text,
+                outcome_source=outcome.source.value,
+                flags=frozenset(flags),
+                memory_limit_bytes=record.limits.memory_bytes,
+            )
+        )
+        self._publish()
+
+    def _publish(self) -> None:
+        """Write the APEL messages not written yet (after each end, and on every reconcile)."""
+        try:
+            apel.publish(self.store, self.config.factory)
+        except OSError as err:  # retried by the next reconcile
+            LOG.error("cannot write APEL records now: %s", err)
+
+    def _sample_memory(self, active: list[LmRecord]) -> None:
+        """Keep a sampled peak where the kernel keeps none (cgroup v2 before Linux 5.19)."""
+        for record in active:
+            usage = self._usage(record)
+            if usage is None or usage.memory_peak_bytes is not None:
+                continue
+            if usage.memory_bytes > (record.memory_peak_bytes or 0):
+                self.store.update(record.uuid, memory_peak_bytes=usage.memory_bytes)
+
     def _reconcile(self, report: PassReport) -> None:
         """Inspect every active LM, and remove labelled engine objects nobody owns."""
         active = {record.uuid: record for record in self.store.active()}
         for record in active.values():
             if record.handle is not None and record.state in (LmState.RUNNING, LmState.STOPPING):
                 self._check(record, report)
+        self._sample_memory(self.store.active())  # afresh: some ended in the checks above
+        for record in self.store.leftover_cgroups():
+            self._remove_cgroup(record)
+        self._publish()
         now = self.clock()
         seen: set[str] = set()
         for backend in self.backends.values():
@@ -480,16 +643,19 @@ class Factory:
             )
             spec = self._spec(mt, identity, prepared, owner)
             backend.validate(spec)
+            spec = replace(spec, cgroup=self._make_cgroup(record))
             self.store.transition(record.uuid, LmState.STARTING)
             handle = backend.start(spec)
         except (LmrunnerError, OSError) as err:
             LOG.error("lm=%s machinetype=%s: start failed: %s", name, mt.name, err)
-            self.store.transition(
+            failed = self.store.transition(
                 record.uuid,
                 LmState.FAILED,
                 outcome=start_failed_outcome(str(err)),
                 finished=self.clock(),
             )
+            self._account(failed, None, mt)
+            self._remove_cgroup(failed)
             return None
         record = self.store.transition(
             record.uuid, LmState.RUNNING, handle=handle, started=self.clock()
@@ -619,11 +785,22 @@ class Factory:
                         count += 1
             except BackendError as err:
                 LOG.error("backend=%s: cannot remove this factory's objects: %s", backend.name, err)
+        for record in self.store.active():
+            self._remove_cgroup(record)
         return count
 
     def close(self) -> None:
         for backend in self.backends.values():
             backend.close()
+
+
+def _peak(record: LmRecord, usage: Usage | None) -> int | None:
+    """The kernel's peak, else the highest sample taken while the LM ran."""
+    if usage is None:
+        return record.memory_peak_bytes
+    if usage.memory_peak_bytes is not None:
+        return usage.memory_peak_bytes
+    return max(usage.memory_bytes, record.memory_peak_bytes or 0)
 
 
 def _read_message(path: Path) -> str | None:

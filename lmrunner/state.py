@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from lmrunner.accounting import AccountingRecord, Flag
 from lmrunner.errors import LmrunnerError
 from lmrunner.lifecycle import ACTIVE, LmState, Outcome, check_transition
 from lmrunner.model import Handle, Limits
@@ -119,8 +120,41 @@ def _create_v1(db: sqlite3.Connection) -> None:
     )
 
 
+def _add_accounting_v2(db: sqlite3.Connection) -> None:
+    """Schema 2: one accounting row per finished LM (issue 6), and the LM's APEL state."""
+    _execute_script(
+        db,
+        """
+        CREATE TABLE accounting (
+            uuid TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            machinetype TEXT NOT NULL,
+            backend TEXT NOT NULL,
+            fqan TEXT,
+            vo TEXT,
+            processors INTEGER NOT NULL,
+            hs06 REAL,
+            created REAL NOT NULL,
+            started REAL,
+            finished REAL NOT NULL,
+            wall_seconds REAL NOT NULL,
+            cpu_seconds REAL,
+            memory_peak_bytes INTEGER,
+            oom_kills INTEGER NOT NULL,
+            outcome_code INTEGER NOT NULL,
+            outcome_text TEXT NOT NULL,
+            outcome_source TEXT NOT NULL,
+            flags TEXT NOT NULL,
+            memory_limit_bytes INTEGER,
+            apel_written INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX accounting_finished ON accounting(finished)
+        """,
+    )
+
+
 #: MIGRATIONS[n] takes a database from schema version n to n + 1.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1, _add_accounting_v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _JSON_FIELDS = {"limits", "handle", "outcome", "stop_reason"}
@@ -287,7 +321,7 @@ class Store:
         columns = (
             "uuid, name, machinetype, backend, slot, state, processors, created, started, "
             "finished, "
-            "shutdown_time, cpu_seconds, memory_peak_bytes, outcome"
+            "shutdown_time, cpu_seconds, memory_peak_bytes, outcome, cgroup"
         )
         marks = ", ".join("?" for _ in ACTIVE)
         states = tuple(s.value for s in ACTIVE)
@@ -367,6 +401,51 @@ class Store:
                 out[name] = _from_row(row)
         return out
 
+    # --- accounting ---------------------------------------------------------------------------
+
+    def add_accounting(self, record: AccountingRecord) -> bool:
+        """Store an LM's accounting record unless it has one already; True when stored."""
+        row = {f.name: getattr(record, f.name) for f in fields(AccountingRecord)}
+        row["flags"] = ",".join(sorted(record.flags))
+        names = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self.write():
+            done = self.db.execute(
+                f"INSERT OR IGNORE INTO accounting ({names}) VALUES ({marks})", tuple(row.values())
+            )
+        return done.rowcount == 1
+
+    def accounting(
+        self, since: float | None = None, until: float | None = None
+    ) -> list[AccountingRecord]:
+        """Accounting records of LMs that finished in [since, until), oldest first."""
+        rows = self.db.execute(
+            "SELECT * FROM accounting WHERE finished >= ? AND finished < ? ORDER BY finished",
+            (
+                since if since is not None else float("-inf"),
+                until if until is not None else float("inf"),
+            ),
+        )
+        return [_accounting_from_row(row) for row in rows]
+
+    def apel_pending(self) -> list[AccountingRecord]:
+        """Accounting records whose APEL message has not been written yet."""
+        rows = self.db.execute(
+            "SELECT * FROM accounting WHERE apel_written = 0 ORDER BY finished"
+        ).fetchall()
+        return [_accounting_from_row(row) for row in rows]
+
+    def set_apel_written(self, uuid: str) -> None:
+        with self.write():
+            self.db.execute("UPDATE accounting SET apel_written = 1 WHERE uuid = ?", (uuid,))
+
+    def leftover_cgroups(self) -> list[LmRecord]:
+        """Ended LMs whose cgroup could not be removed yet."""
+        rows = self.db.execute(
+            "SELECT * FROM lms WHERE cgroup IS NOT NULL AND state IN ('finished', 'failed')"
+        )
+        return [_from_row(row) for row in rows]
+
     # --- requests from the command line to the daemon --------------------------------------
 
     def add_request(self, uuid: str, action: str, grace: float | None = None) -> None:
@@ -410,6 +489,12 @@ def _to_row(record: LmRecord) -> dict[str, Any]:
             value = int(value)
         row[name] = value
     return row
+
+
+def _accounting_from_row(row: sqlite3.Row) -> AccountingRecord:
+    values = {f.name: row[f.name] for f in fields(AccountingRecord)}
+    values["flags"] = frozenset(Flag(f) for f in str(row["flags"]).split(",") if f)
+    return AccountingRecord(**values)
 
 
 def _from_row(row: sqlite3.Row) -> LmRecord:

@@ -28,6 +28,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "drain": ("control", "start no new LMs (running ones continue)"),
     "undrain": ("control", "start LMs again after drain"),
     "logs": ("control", "show the logs an LM left"),
+    "accounting": (
+        "accounting",
+        "totals of finished LMs per machinetype and VO (wall, CPU, HS06 hours, flags)",
+    ),
+    "apel-sync": ("apelsync", "write APEL sync messages (job counts per month) into apel-outgoing"),
     "check": ("check", "validate the configuration and print the effective configuration"),
     "user-data": ("userdata", "print the templated user_data an LM of a machinetype would get now"),
     "import-vac-conf": ("vacimport", "convert Vac's vac.conf (and vac.d) to lmrunner YAML"),

@@ -9,7 +9,26 @@ from typing import Any
 import yaml
 
 from lmrunner.cli.common import common_options, load, pipe_summary
-from lmrunner.config import as_dict
+from lmrunner.config import Config, as_dict
+
+
+def host_report(config: Config) -> list[str]:
+    """What this host gives the configuration: cgroups, and each backend's engine (accel...)."""
+    from lmrunner.backends import make_backends
+    from lmrunner.factory import host_cgroups
+
+    cgroups = host_cgroups(config.factory)
+    lines = [
+        "cgroups: none usable (LMs run without lmrunner's limits)"
+        if cgroups is None
+        else f"cgroups: v{cgroups.version} under {config.factory.cgroup_parent}"
+    ]
+    names = {mt.backend.value for mt in config.machinetypes.values()}
+    for name, backend in sorted(make_backends(names, config.factory, cgroups).items()):
+        probe = backend.probe()
+        lines.append(f"backend {name}: {probe.health} {probe.version or ''} {probe.detail}".strip())
+        backend.close()
+    return lines
 
 
 def add_parser(sub: Any) -> None:
@@ -30,6 +49,11 @@ def add_parser(sub: Any) -> None:
         "checking a converted Vac configuration before copying its files)",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing when valid")
+    parser.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="do not probe this host's cgroups and engines (the VM probe may boot a guest)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -49,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     header = [f"# effective configuration from {', '.join(map(str, config.files))}"]
     header += [f"# {pipe_summary(config, pipe)}" for pipe in config.pipes.values()]
+    if not args.no_probe:
+        header += [f"# {line}" for line in host_report(config)]
     print("\n".join(header))
     print(yaml.safe_dump(as_dict(config), sort_keys=False, default_flow_style=False), end="")
     return 0

@@ -18,7 +18,7 @@ from lmrunner.backends import make_backends
 from lmrunner.cli.common import common_options, load
 from lmrunner.config import Config
 from lmrunner.errors import ConfigError, LmrunnerError
-from lmrunner.factory import Factory, Tuning
+from lmrunner.factory import Factory, Tuning, host_cgroups
 from lmrunner.state import Store
 
 LOG = logging.getLogger("lmrunner.daemon")
@@ -76,7 +76,10 @@ def run(args: argparse.Namespace) -> int:
             store.close()
     lock = _exclusive(config.factory.state_dir)  # held until this process exits
     names = {mt.backend.value for mt in config.machinetypes.values()}
-    backends = make_backends(names, config.factory)
+    cgroups = host_cgroups(config.factory)
+    if cgroups is not None:
+        LOG.info("cgroups: v%d under %s", cgroups.version, config.factory.cgroup_parent)
+    backends = make_backends(names, config.factory, cgroups)
     for name in sorted(names - set(backends)):
         LOG.error(
             "backend=%s: not available in this lmrunner; its machinetypes will not start", name
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             probe.detail,
         )
     tuning = Tuning(max_starts_per_pass=args.max_starts, reconcile_seconds=args.reconcile)
-    factory = Factory(config, store, backends, tuning=tuning)
+    factory = Factory(config, store, backends, tuning=tuning, cgroups=cgroups)
 
     def reload(signum: int, frame: FrameType | None) -> None:
         try:

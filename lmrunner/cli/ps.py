@@ -13,7 +13,9 @@ import sys
 import time
 from typing import Any
 
+from lmrunner.cgroups.base import CgroupRef, live_usage
 from lmrunner.cli.common import common_options, open_store
+from lmrunner.errors import CgroupError
 
 SCHEMA = "lmrunner.ps/1"
 COLUMNS = ("NAME", "MACHINETYPE", "BACKEND", "STATE", "PROCS", "UPTIME", "CPU%", "MEM", "OUTCOME")
@@ -37,11 +39,12 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     store = open_store(args)
     try:
-        rows = store.listing(ended=args.all)
+        listed = store.listing(ended=args.all)
         factory_id = store.factory_id
     finally:
         store.close()
     now = time.time()
+    rows = [_with_live_usage(row) for row in listed]
     if args.quiet:
         sys.stdout.write("".join(f"{row['name']}\n" for row in rows))
     elif args.json:
@@ -57,12 +60,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _outcome(row: sqlite3.Row) -> dict[str, Any] | None:
+def _with_live_usage(row: sqlite3.Row) -> dict[str, Any]:
+    """The row as a dict; a running LM's CPU and memory come live from its cgroup."""
+    values = dict(row)
+    values["memory_bytes"] = None
+    if row["state"] in ACTIVE and row["cgroup"] is not None:
+        try:
+            live = live_usage(CgroupRef.from_json(row["cgroup"]))
+        except CgroupError:
+            live = None
+        if live is not None:
+            values["cpu_seconds"], values["memory_bytes"] = live
+    return values
+
+
+def _outcome(row: dict[str, Any]) -> dict[str, Any] | None:
     value = row["outcome"]
     return None if value is None else dict(json.loads(value))
 
 
-def to_json(row: sqlite3.Row) -> dict[str, Any]:
+def to_json(row: dict[str, Any]) -> dict[str, Any]:
     """One LM in the ``lmrunner.ps/1`` schema (docs/cli.md)."""
     return {
         "name": row["name"],
@@ -76,19 +93,19 @@ def to_json(row: sqlite3.Row) -> dict[str, Any]:
         "finished": row["finished"],
         "shutdown_time": row["shutdown_time"],
         "cpu_seconds": row["cpu_seconds"],
-        "memory_bytes": None,
+        "memory_bytes": row["memory_bytes"],
         "memory_peak_bytes": row["memory_peak_bytes"],
         "outcome": _outcome(row),
-        # Which numbers were measured for this LM (cgroup accounting arrives per backend).
+        # Which numbers were measured (from the LM's cgroup: live while it runs, final after).
         "measured": {
             "cpu_seconds": row["cpu_seconds"] is not None,
-            "memory_bytes": False,
+            "memory_bytes": row["memory_bytes"] is not None,
             "memory_peak_bytes": row["memory_peak_bytes"] is not None,
         },
     }
 
 
-def table(rows: list[sqlite3.Row], now: float) -> str:
+def table(rows: list[dict[str, Any]], now: float) -> str:
     lines = [COLUMNS]
     active = processors = 0
     for row in rows:
@@ -98,11 +115,11 @@ def table(rows: list[sqlite3.Row], now: float) -> str:
         cpu = "-"
         if row["cpu_seconds"] is not None and started is not None and end > started:
             cpu = f"{100 * row['cpu_seconds'] / ((end - started) * row['processors']):.1f}"
-        mem = (
-            "-"
-            if row["memory_peak_bytes"] is None
-            else f"{row['memory_peak_bytes'] / 1048576:.0f}M"
-        )
+        # Running: memory now; ended: its peak (lifetime CPU%, as procps ps shows).
+        memory = row["memory_bytes"]
+        if memory is None:
+            memory = row["memory_peak_bytes"]
+        mem = "-" if memory is None else f"{memory / 1048576:.0f}M"
         outcome = _outcome(row)
         shown = "-" if outcome is None else f"{outcome['code']} {outcome['text']}"[:40]
         if row["state"] in ACTIVE:

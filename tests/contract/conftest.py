@@ -7,6 +7,7 @@ real store, so they prove the backend *and* the core's use of it.
 
 from __future__ import annotations
 
+import os
 import queue
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ import yaml
 from lmrunner.backends import make_backends
 from lmrunner.backends.base import Backend
 from lmrunner.config import Config, load_config
-from lmrunner.factory import Factory, Tuning
+from lmrunner.factory import Factory, Tuning, host_cgroups
 from lmrunner.state import Store
 
 
@@ -39,6 +40,8 @@ class Case:
     #: options of a machinetype whose LMs behave so (files it needs go into the folder given)
     machinetype: Callable[[Behaviour, Path], dict[str, Any]]
     marks: tuple[Any, ...] = ()
+    #: seconds one scenario step may take (a VM under TCG boots for ~10 s before its payload)
+    timeout: float = 30.0
 
 
 def _fake_machinetype(b: Behaviour, folder: Path) -> dict[str, Any]:
@@ -67,9 +70,35 @@ def _docker_machinetype(b: Behaviour, folder: Path) -> dict[str, Any]:
     return {"backend": "docker", "image": "docker://vcbusybox:latest", "user_data": str(path)}
 
 
+REPO = Path(__file__).resolve().parents[2]
+VCBUSYBOX_OUT = Path(os.environ.get("VCBUSYBOX_OUT", REPO / "build" / "vcbusybox"))
+
+
+def _apptainer_machinetype(b: Behaviour, folder: Path) -> dict[str, Any]:
+    path = folder / "user_data"
+    path.write_text(user_data_script(b))
+    path.chmod(0o755)
+    image = VCBUSYBOX_OUT / "apptainer" / "vcbusybox"  # the sandbox directory (no unpacking)
+    return {"backend": "apptainer", "image": str(image), "user_data": str(path)}
+
+
+def _vm_machinetype(b: Behaviour, folder: Path) -> dict[str, Any]:
+    path = folder / "user_data"
+    path.write_text(user_data_script(b))
+    vm = VCBUSYBOX_OUT / "vm"
+    return {
+        "backend": "vm",
+        "image": str(vm / "vmlinuz"),
+        "vm_initrd": str(vm / "initramfs.cpio.gz"),
+        "user_data": str(path),
+    }
+
+
 CASES = [
     Case("fake", _fake_machinetype),
     Case("docker", _docker_machinetype, (pytest.mark.docker, pytest.mark.slow)),
+    Case("apptainer", _apptainer_machinetype, (pytest.mark.apptainer, pytest.mark.slow)),
+    Case("vm", _vm_machinetype, (pytest.mark.qemu, pytest.mark.slow), timeout=120.0),
 ]
 
 
@@ -124,20 +153,25 @@ class Harness:
 
     def factory(self, config: Config) -> Factory:
         store = Store(config.factory.state_dir)
-        backends: dict[str, Backend] = make_backends({self.case.backend}, config.factory)
+        cgroups = host_cgroups(config.factory)
+        backends: dict[str, Backend] = make_backends({self.case.backend}, config.factory, cgroups)
         factory = Factory(
             config,
             store,
             backends,
             tuning=Tuning(reconcile_seconds=5, idle_wait_seconds=0.5),
             load_average=lambda: (0.0, 0.0, 0.0),
+            cgroups=cgroups,
         )
         factory.adopt()
         self.factories.append(factory)
         return factory
 
-    def drive(self, factory: Factory, done: Callable[[], bool], timeout: float = 30.0) -> None:
+    def drive(
+        self, factory: Factory, done: Callable[[], bool], timeout: float | None = None
+    ) -> None:
         """Run passes (woken by the backend's exit events) until ``done()`` or time runs out."""
+        timeout = timeout or self.case.timeout
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             factory.run_pass()

@@ -21,7 +21,7 @@ import yaml
 
 from lmrunner.backends import make_backends
 from lmrunner.config import Config, load_config
-from lmrunner.factory import Factory, Tuning
+from lmrunner.factory import Factory, Tuning, host_cgroups
 from lmrunner.lifecycle import LmState, OutcomeSource
 from lmrunner.state import LmRecord, Store
 from tests.integration.conftest import REPO
@@ -59,12 +59,14 @@ def factory_of(docker_client: Any, vcbusybox: Path) -> Iterator[Callable[[Config
 
     def make(config: Config) -> Factory:
         store = Store(config.factory.state_dir)
+        cgroups = host_cgroups(config.factory)
         factory = Factory(
             config,
             store,
-            make_backends({"docker"}, config.factory),
+            make_backends({"docker"}, config.factory, cgroups),
             tuning=Tuning(reconcile_seconds=5),
             load_average=lambda: (0.0, 0.0, 0.0),
+            cgroups=cgroups,
         )
         factory.adopt()
         made.append(factory)
@@ -136,9 +138,9 @@ def test_two_busy_loops_in_a_one_processor_lm_use_one_cpu(
     used = (cpu_ns() - start) / 1e9 / (time.monotonic() - started)
     print(f"two busy loops in a 1-processor LM: {used:.2f} CPUs")
     assert 0.7 < used < 1.15
-    # The container sits under lmrunner's cgroup parent, where the cgroup controller reads it.
+    # The container sits in its LM's cgroup, which holds the limits and counts its usage.
     cgroup_parent = container.attrs["HostConfig"]["CgroupParent"]
-    assert cgroup_parent == "/lmrunner"
+    assert cgroup_parent == f"/lmrunner/lm-{record.uuid}"
     assert container.attrs["HostConfig"]["NanoCpus"] == 1_000_000_000
     assert container.attrs["HostConfig"]["SecurityOpt"] == ["no-new-privileges"]
     assert container.attrs["HostConfig"]["Privileged"] is False

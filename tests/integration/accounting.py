@@ -1,0 +1,250 @@
+"""Issue 6's proofs, the same for every backend and cgroup version: a factory with the host's
+cgroup controller runs vcbusybox payloads, and the LM's cgroup must account and enforce.
+
+Used by ``test_accounting.py`` (host: cgroup v1) and ``cgroup_v2/test_accounting_v2.py`` (guest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmrunner.accounting import Flag
+from lmrunner.backends import make_backends
+from lmrunner.cgroups import CgroupRef
+from lmrunner.config import Config, load_config
+from lmrunner.factory import Factory, Tuning, host_cgroups
+from lmrunner.lifecycle import OutcomeSource
+from lmrunner.state import LmRecord, Store
+
+REPO = Path(__file__).resolve().parents[2]
+VCBUSYBOX = Path(os.environ.get("VCBUSYBOX_OUT", REPO / "build" / "vcbusybox"))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+#: Burns CPU in a child for 5 s; the payload's shell then reports its own and its reaped
+#: children's CPU time from /proc (fields utime, stime, cutime, cstime): the known amount.
+BURN = """#!/bin/sh
+( while :; do :; done ) & loop=$!
+sleep 5; kill $loop; wait $loop
+cat /proc/$$/stat > "$JOBOUTPUTS/burn.stat"
+echo "200 burnt" > "$JOBOUTPUTS/shutdown_message"
+"""
+TWO_LOOPS = "#!/bin/sh\n(while :; do :; done) & (while :; do :; done) & sleep 600\n"
+#: The shell doubles a string until the kernel kills it.
+HOG = '#!/bin/sh\nx=0123456789\nwhile :; do x="$x$x"; done\n'
+#: A daemonised grandchild in its own session, which must not survive the LM.
+ESCAPER = "#!/bin/sh\nsetsid sh -c 'sleep 600' &\nsleep 600\n"
+
+
+def docker_machinetype(user_data: Path) -> dict[str, Any]:
+    return {"backend": "docker", "image": "docker://vcbusybox:latest", "user_data": str(user_data)}
+
+
+def apptainer_machinetype(user_data: Path) -> dict[str, Any]:
+    image = VCBUSYBOX / "apptainer" / "vcbusybox"
+    return {"backend": "apptainer", "image": str(image), "user_data": str(user_data)}
+
+
+MACHINETYPES: dict[str, Callable[[Path], dict[str, Any]]] = {
+    "docker": docker_machinetype,
+    "apptainer": apptainer_machinetype,
+}
+
+
+@dataclass
+class Rig:
+    """Factories for one backend on a temporary state directory; removes what they made."""
+
+    backend: str
+    folder: Path
+    made: list[Factory]
+
+    def config(self, script: str, *, mb_per_processor: int = 512) -> Config:
+        user_data = self.folder / "user_data"
+        user_data.write_text(script)
+        user_data.chmod(0o755)
+        data = {
+            "factory": {
+                "space": "accounting.example.com",
+                "hostname": "accounting.example.com",
+                "state_dir": str(self.folder / "state"),
+                "total_processors": 1,
+                "mb_per_processor": mb_per_processor,
+            },
+            "machinetypes": {
+                "acct": {
+                    **MACHINETYPES[self.backend](user_data),
+                    "target_share": 1,
+                    "fizzle_seconds": 0,
+                    "stop_grace_seconds": 2,
+                    "accounting_fqan": "/lhcb/Role=pilot",
+                }
+            },
+        }
+        path = self.folder / "lmrunner.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return load_config(path, cpus=1)
+
+    def factory(self, config: Config) -> Factory:
+        cgroups = host_cgroups(config.factory)
+        assert cgroups is not None, "this host must give lmrunner cgroups"
+        factory = Factory(
+            config,
+            Store(config.factory.state_dir),
+            make_backends({self.backend}, config.factory, cgroups),
+            tuning=Tuning(reconcile_seconds=5),
+            load_average=lambda: (0.0, 0.0, 0.0),
+            cgroups=cgroups,
+        )
+        factory.adopt()
+        self.made.append(factory)
+        return factory
+
+    def close(self) -> None:
+        for factory in self.made:
+            factory.remove_all()
+            factory.close()
+            factory.store.close()
+
+
+@contextlib.contextmanager
+def rig(backend: str, folder: Path) -> Iterator[Rig]:
+    made = Rig(backend, folder, [])
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def drive(factory: Factory, done: Callable[[], bool], timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        factory.run_pass()
+        if done():
+            return
+        with contextlib.suppress(queue.Empty):
+            factory.events.put(factory.events.get(timeout=min(factory.next_wait(), 0.5)))
+    raise AssertionError(f"not done within {timeout} s")
+
+
+def one_lm(factory: Factory) -> LmRecord:
+    """Start the factory's first LM and return its record once it runs."""
+    drive(factory, lambda: bool(factory.store.active()))
+    factory.store.set_meta("draining", "1")  # exactly one LM per scenario
+    return factory.store.active()[0]
+
+
+def until_ended(factory: Factory, uuid: str, timeout: float = 90.0) -> LmRecord:
+    def ended() -> bool:
+        record = factory.store.get(uuid)
+        return record is not None and not record.active
+
+    drive(factory, ended, timeout)
+    record = factory.store.get(uuid)
+    assert record is not None
+    return record
+
+
+def cgroup_dirs(ref: CgroupRef) -> list[Path]:
+    """The LM's cgroup directories, and any an engine made at the same path elsewhere."""
+    root = Path("/sys/fs/cgroup")
+    return [
+        *ref.unique_paths(),
+        *root.glob(f"*/lmrunner/{ref.name}"),
+        *root.glob(f"lmrunner/{ref.name}"),
+    ]
+
+
+# --- the scenarios: each returns the figures it measured ----------------------------------------
+
+
+def burn_is_accounted(r: Rig) -> dict[str, float]:
+    """A payload that burns a known amount of CPU is accounted within 2 %."""
+    factory = r.factory(r.config(BURN))
+    lm = one_lm(factory)
+    done = until_ended(factory, lm.uuid)
+    assert done.outcome is not None and done.outcome.code == 200, done.outcome
+    fields = (done.directory / "joboutputs" / "burn.stat").read_text()
+    values = fields[fields.rindex(")") + 2 :].split()
+    known = sum(int(v) for v in values[11:15]) / CLK_TCK  # utime stime cutime cstime
+    rows = factory.store.accounting()
+    assert len(rows) == 1
+    row = rows[0]
+    assert row.cpu_seconds is not None and Flag.UNMEASURED not in row.flags
+    error = abs(row.cpu_seconds - known) / known
+    print(f"{r.backend}: payload's own CPU {known:.3f} s, accounted {row.cpu_seconds:.3f} s, "
+          f"error {100 * error:.2f} %")  # fmt: skip
+    assert known > 4.0, known  # the loop really ran
+    assert error <= 0.02
+    assert row.vo == "lhcb" and row.fqan == "/lhcb/Role=pilot"
+    assert done.started is not None and done.finished is not None
+    assert abs(row.wall_seconds - (done.finished - done.started)) < 1e-6
+    assert row.wall_seconds >= 5.0
+    assert row.memory_peak_bytes is not None and row.memory_peak_bytes > 0
+    return {"known_cpu_s": known, "accounted_cpu_s": row.cpu_seconds, "error": error}
+
+
+def two_loops_are_held_to_one_cpu(r: Rig) -> dict[str, float]:
+    """Two busy loops in a 1-processor LM use at most 1.05 CPUs over 10 s."""
+    factory = r.factory(r.config(TWO_LOOPS))
+    lm = one_lm(factory)
+    ref = CgroupRef.from_json(lm.cgroup or "")
+    assert factory.cgroups is not None
+    time.sleep(2.0)  # both loops running
+    first, t0 = factory.cgroups.usage(ref).cpu_seconds, time.monotonic()
+    time.sleep(10.0)
+    last, t1 = factory.cgroups.usage(ref).cpu_seconds, time.monotonic()
+    cpus = (last - first) / (t1 - t0)
+    print(f"{r.backend}: two busy loops in a 1-processor LM used {cpus:.3f} CPUs over 10 s")
+    assert cpus <= 1.05
+    assert cpus >= 0.5  # they did run (the host has 2 processors, shared)
+    factory.store.add_request(lm.uuid, "kill")
+    until_ended(factory, lm.uuid)
+    return {"cpus": cpus}
+
+
+def hog_is_oom_killed(r: Rig) -> dict[str, float]:
+    """A memory hog is killed at its limit and the outcome says oom."""
+    factory = r.factory(r.config(HOG, mb_per_processor=64))
+    lm = one_lm(factory)
+    done = until_ended(factory, lm.uuid)
+    assert done.outcome is not None
+    assert done.outcome.source is OutcomeSource.OOM, done.outcome
+    assert "OOM" in done.outcome.text
+    row = factory.store.accounting()[0]
+    assert Flag.OOM in row.flags
+    assert row.memory_peak_bytes is not None
+    limit = 64 * 1024 * 1024
+    print(f"{r.backend}: hog peak {row.memory_peak_bytes} bytes of a {limit} byte limit, "
+          f"{row.oom_kills} OOM kills")  # fmt: skip
+    assert limit * 0.5 <= row.memory_peak_bytes <= limit + 4096
+    return {"peak_bytes": row.memory_peak_bytes, "limit_bytes": limit}
+
+
+def kill_leaves_nothing(r: Rig) -> dict[str, float]:
+    """Killing an LM leaves no process behind, and its cgroup goes with it."""
+    factory = r.factory(r.config(ESCAPER))
+    lm = one_lm(factory)
+    ref = CgroupRef.from_json(lm.cgroup or "")
+    assert factory.cgroups is not None
+    deadline = time.monotonic() + 30
+    while len(factory.cgroups.pids(ref)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)  # the payload and its escaped grandchild are up
+    pids = factory.cgroups.pids(ref)
+    assert len(pids) >= 3, pids
+    factory.store.add_request(lm.uuid, "kill")
+    done = until_ended(factory, lm.uuid)
+    assert done.outcome is not None and done.outcome.source is OutcomeSource.OPERATOR
+    left = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    assert left == [], f"processes left behind: {left}"
+    assert all(not path.exists() for path in cgroup_dirs(ref)), cgroup_dirs(ref)
+    assert done.cgroup is None
+    return {"processes_killed": float(len(pids))}

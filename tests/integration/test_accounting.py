@@ -1,0 +1,45 @@
+"""Issue 6 on the host's cgroup v1 hierarchies: accounting and hard limits, per backend."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration import accounting as scenarios
+from tests.integration.accounting import Rig
+
+pytestmark = [pytest.mark.cgroup_v1, pytest.mark.slow]
+
+BACKENDS = [
+    pytest.param("docker", marks=pytest.mark.docker, id="docker"),
+    pytest.param("apptainer", marks=pytest.mark.apptainer, id="apptainer"),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def rig(request: pytest.FixtureRequest, tmp_path: Path, vcbusybox: Path) -> Iterator[Rig]:
+    backend: str = request.param
+    if backend == "docker":
+        request.getfixturevalue("docker_client")
+    else:
+        request.getfixturevalue(backend)
+    with scenarios.rig(backend, tmp_path) as made:
+        yield made
+
+
+def test_cpu_burnt_by_the_payload_is_accounted_within_2_percent(rig: Rig) -> None:
+    scenarios.burn_is_accounted(rig)
+
+
+def test_two_busy_loops_are_held_to_one_processor(rig: Rig) -> None:
+    scenarios.two_loops_are_held_to_one_cpu(rig)
+
+
+def test_memory_hog_is_oom_killed_at_its_limit(rig: Rig) -> None:
+    scenarios.hog_is_oom_killed(rig)
+
+
+def test_killing_an_lm_leaves_no_process_and_no_cgroup(rig: Rig) -> None:
+    scenarios.kill_leaves_nothing(rig)
