@@ -94,7 +94,23 @@ class DockerBackend:
                 version.get("Version"),
                 f"unavailable: API {api} older than {need}",
             )
-        return Probe(Health.OK, version.get("Version"), f"API {version.get('ApiVersion')}")
+        try:
+            driver = str(self.client.info().get("CgroupDriver", "cgroupfs"))
+        except (docker.errors.DockerException, requests.RequestException) as err:
+            return Probe(Health.UNAVAILABLE, version.get("Version"), f"unavailable: {err}")
+        if driver == "systemd":
+            # Containers go inside their LM's cgroup (a path), which systemd's driver refuses.
+            return Probe(
+                Health.UNAVAILABLE,
+                version.get("Version"),
+                "unavailable: dockerd uses the systemd cgroup driver; lmrunner needs "
+                "--exec-opt native.cgroupdriver=cgroupfs",
+            )
+        return Probe(
+            Health.OK,
+            version.get("Version"),
+            f"API {version.get('ApiVersion')}, cgroup driver {driver}",
+        )
 
     def validate(self, spec: MachineSpec) -> None:
         image = _image(spec.image)

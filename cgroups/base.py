@@ -186,6 +186,14 @@ class CgroupController(Protocol):
         """
         ...
 
+    def names(self) -> list[str]:
+        """Names of the cgroups under the parent (in any hierarchy), sorted."""
+        ...
+
+    def existing(self, name: str) -> CgroupRef | None:
+        """A reference to the cgroup ``name`` under the parent if it exists (nothing is made)."""
+        ...
+
     def engine_path(self, ref: CgroupRef) -> str | None:
         """The cgroup's path from the hierarchy root(s) (``/lmrunner/lm-...``), for engines that
         create their own cgroup below it (Docker's ``cgroup_parent``); None when the path differs
@@ -364,8 +372,21 @@ def signal_all(pids: Iterable[int], signum: int) -> int:
             os.kill(pid, signum)
         except ProcessLookupError:
             continue
+        except OSError as err:
+            raise CgroupError(f"cannot signal {pid}: {err.strerror or err}") from err
         count += 1
     return count
+
+
+def child_names(parents: Iterable[Path]) -> list[str]:
+    """Names of the sub-directories (cgroups) of each of ``parents``, merged and sorted."""
+    found: set[str] = set()
+    for parent in parents:
+        try:
+            found.update(p.name for p in parent.iterdir() if p.is_dir())
+        except FileNotFoundError:
+            continue
+    return sorted(found)
 
 
 def enter(procs_files: Iterable[Path]) -> None:

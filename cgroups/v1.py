@@ -26,6 +26,7 @@ from lmrunner.cgroups.base import (
     Usage,
     check_name,
     check_owned,
+    child_names,
     cpus_to_quota,
     cpus_to_shares,
     mkdir_chain,
@@ -209,6 +210,16 @@ class V1Controller:
     def procs_files(self, ref: CgroupRef) -> tuple[Path, ...]:
         self._paths(ref)
         return tuple(path / "cgroup.procs" for path in ref.unique_paths())
+
+    def names(self) -> list[str]:
+        return child_names(self._parent_dirs().values())
+
+    def existing(self, name: str) -> CgroupRef | None:
+        check_name(name)
+        paths = tuple((c, str(d / name)) for c, d in self._parent_dirs().items())
+        if not any(Path(p).is_dir() for _, p in paths):
+            return None
+        return CgroupRef(version=1, name=name, paths=paths)
 
     def engine_path(self, ref: CgroupRef) -> str | None:
         relative = set()

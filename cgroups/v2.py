@@ -21,6 +21,7 @@ from lmrunner.cgroups.base import (
     Usage,
     check_name,
     check_owned,
+    child_names,
     cpu_max_value,
     cpus_to_weight,
     memory_high,
@@ -184,6 +185,14 @@ class V2Controller:
 
     def procs_files(self, ref: CgroupRef) -> tuple[Path, ...]:
         return (self._path(ref) / "cgroup.procs",)
+
+    def names(self) -> list[str]:
+        return child_names([self.parent])
+
+    def existing(self, name: str) -> CgroupRef | None:
+        check_name(name)
+        path = self.parent / name
+        return CgroupRef(2, name, ((HIERARCHY, str(path)),)) if path.is_dir() else None
 
     def engine_path(self, ref: CgroupRef) -> str | None:
         return "/" + self._path(ref).relative_to(self.root).as_posix()

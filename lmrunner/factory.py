@@ -337,6 +337,27 @@ class Factory:
         self.store.update(record.uuid, cgroup=None)
         return True
 
+    def _remove_unrecorded_cgroups(self) -> None:
+        """Cgroups of this factory's ended LMs that their row does not name (the daemon died
+        between making one and recording it). Other factories' cgroups under a shared parent
+        are never touched: only uuids this store knows count."""
+        if self.cgroups is None:
+            return
+        for name in self.cgroups.names():
+            record = self.store.get(name.removeprefix("lm-")) if name.startswith("lm-") else None
+            if record is None or record.active or record.cgroup is not None:
+                continue
+            ref = self.cgroups.existing(name)
+            if ref is None:
+                continue
+            try:
+                self.cgroups.kill(ref)
+                self.cgroups.remove(ref)
+            except CgroupError as err:
+                LOG.error("lm=%s: cannot remove its unrecorded cgroup: %s", record.name, err)
+            else:
+                LOG.warning("lm=%s: removed a cgroup its record did not name", record.name)
+
     def _account(self, record: LmRecord, usage: Usage | None, mt: MachinetypeConfig | None) -> None:
         """Record the LM's accounting once, then write its APEL message."""
         assert record.finished is not None
@@ -405,6 +426,7 @@ class Factory:
         self._sample_memory(self.store.active())  # afresh: some ended in the checks above
         for record in self.store.leftover_cgroups():
             self._remove_cgroup(record)
+        self._remove_unrecorded_cgroups()
         self._publish()
         now = self.clock()
         seen: set[str] = set()

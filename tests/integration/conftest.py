@@ -112,3 +112,27 @@ def write_user_data(lm_dir: Path, script: str) -> Path:
     path.write_text(script)
     path.chmod(0o755)
     return path
+
+
+def remove_lms(config_file: Path) -> int:
+    """Kill and remove every LM a test's daemon left running, with its cgroup (LMs outlive
+    their daemon by design; tests must not leave them)."""
+    from lmrunner.backends import make_backends
+    from lmrunner.config import load_config
+    from lmrunner.factory import Factory, host_cgroups
+    from lmrunner.state import Store
+
+    config = load_config(config_file)
+    cgroups = host_cgroups(config.factory)
+    names = {mt.backend.value for mt in config.machinetypes.values()}
+    factory = Factory(
+        config,
+        Store(config.factory.state_dir),
+        make_backends(names, config.factory, cgroups),
+        cgroups=cgroups,
+    )
+    try:
+        return factory.remove_all()
+    finally:
+        factory.close()
+        factory.store.close()

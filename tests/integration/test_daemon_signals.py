@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from lmrunner.state import Store
+from tests.integration.conftest import remove_lms
 
 pytestmark = pytest.mark.slow
 
@@ -69,3 +70,4 @@ def test_sighup_reloads_and_sigterm_leaves_lms_running(tmp_path: Path) -> None:
     running = Store(state, readonly=True).active()
     assert len(running) == 1, "SIGTERM must leave running LMs running"
     assert "Traceback" not in log.read_text()
+    remove_lms(config)

@@ -80,5 +80,21 @@ def test_docker_probe_checks_the_api_version(api: str, ok: bool) -> None:
         def version(self) -> dict[str, str]:
             return {"ApiVersion": api, "Version": "20.10.24"}
 
+        def info(self) -> dict[str, str]:
+            return {"CgroupDriver": "cgroupfs"}
+
     probe = DockerBackend(client_factory=Client).probe()
     assert (probe.health is Health.OK) is ok
+
+
+def test_docker_probe_refuses_the_systemd_cgroup_driver() -> None:
+    class Client:
+        def version(self) -> dict[str, str]:
+            return {"ApiVersion": "1.41", "Version": "20.10.24"}
+
+        def info(self) -> dict[str, str]:
+            return {"CgroupDriver": "systemd"}
+
+    probe = DockerBackend(client_factory=Client).probe()
+    assert probe.health is Health.UNAVAILABLE
+    assert "native.cgroupdriver=cgroupfs" in probe.detail
