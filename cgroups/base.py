@@ -178,6 +178,11 @@ class CgroupController(Protocol):
         """Send ``signum`` to every process in the cgroup's subtree; return how many got it."""
         ...
 
+    def delegate(self, ref: CgroupRef, uid: int, gid: int) -> None:
+        """Hand the cgroup to an account, so its processes may make and limit sub-cgroups
+        (cgroup-v2.rst "Delegation": the directory and its procs/threads/subtree_control)."""
+        ...
+
     def procs_files(self, ref: CgroupRef) -> tuple[Path, ...]:
         """The ``cgroup.procs`` files a new process writes itself into (one per hierarchy).
 
@@ -376,6 +381,21 @@ def signal_all(pids: Iterable[int], signum: int) -> int:
             raise CgroupError(f"cannot signal {pid}: {err.strerror or err}") from err
         count += 1
     return count
+
+
+#: The files a delegatee must own besides the directory (cgroup-v2.rst, "Delegation").
+DELEGATED_FILES = ("cgroup.procs", "cgroup.threads", "cgroup.subtree_control", "tasks")
+
+
+def chown_for_delegation(path: Path, uid: int, gid: int) -> None:
+    """chown a cgroup directory and the delegated files it has (absent ones are skipped)."""
+    try:
+        os.chown(path, uid, gid)
+        for name in DELEGATED_FILES:
+            if (path / name).exists():
+                os.chown(path / name, uid, gid)
+    except OSError as err:
+        raise CgroupError(f"cannot delegate {path} to uid {uid}: {err.strerror or err}") from err
 
 
 def child_names(parents: Iterable[Path]) -> list[str]:

@@ -27,6 +27,7 @@ from lmrunner.cgroups.base import (
     check_name,
     check_owned,
     child_names,
+    chown_for_delegation,
     cpus_to_quota,
     cpus_to_shares,
     mkdir_chain,
@@ -206,6 +207,10 @@ class V1Controller:
 
     def signal(self, ref: CgroupRef, signum: int) -> int:
         return signal_all(self.pids(ref), signum)
+
+    def delegate(self, ref: CgroupRef, uid: int, gid: int) -> None:
+        for path in self._paths(ref).values():
+            chown_for_delegation(path, uid, gid)
 
     def procs_files(self, ref: CgroupRef) -> tuple[Path, ...]:
         self._paths(ref)

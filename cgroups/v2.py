@@ -22,6 +22,7 @@ from lmrunner.cgroups.base import (
     check_name,
     check_owned,
     child_names,
+    chown_for_delegation,
     cpu_max_value,
     cpus_to_weight,
     memory_high,
@@ -182,6 +183,9 @@ class V2Controller:
 
     def signal(self, ref: CgroupRef, signum: int) -> int:
         return signal_all(self.pids(ref), signum)
+
+    def delegate(self, ref: CgroupRef, uid: int, gid: int) -> None:
+        chown_for_delegation(self._path(ref), uid, gid)
 
     def procs_files(self, ref: CgroupRef) -> tuple[Path, ...]:
         return (self._path(ref) / "cgroup.procs",)

@@ -112,6 +112,11 @@ class FactoryConfig:
         pattern=r"/?[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*",
         pattern_text="a cgroup path such as /lmrunner",
     )
+    cgroup_delegate: bool = option(
+        False,
+        "Hand each LM's cgroup to the account its LM runs as, so pilots can split it further "
+        "(cgroup v2 delegation; the limits above it still hold).",
+    )
     memory_high_ratio: float = option(
         0.95,
         "cgroup v2 memory.high as a fraction of the LM's memory limit (reclaim starts there).",

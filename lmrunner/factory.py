@@ -303,8 +303,9 @@ class Factory:
             LOG.error("lm=%s: cannot read its cgroup: %s", record.name, err)
             return None
 
-    def _make_cgroup(self, record: LmRecord) -> LmCgroup | None:
-        """Create and limit the LM's cgroup before its engine starts anything."""
+    def _make_cgroup(self, record: LmRecord, owner: tuple[int, int]) -> LmCgroup | None:
+        """Create and limit the LM's cgroup before its engine starts anything (and delegate it
+        to the LM's account when configured)."""
         if self.cgroups is None:
             return None
         limits = record.limits
@@ -317,6 +318,8 @@ class Factory:
             swap_bytes=limits.swap_bytes,
             pids=limits.pids or 4_194_304,  # 0 means unlimited: the kernel's PID_MAX_LIMIT
         )
+        if self.config.factory.cgroup_delegate and owner[0] != 0:
+            self.cgroups.delegate(ref, *owner)
         return LmCgroup(
             ref=ref,
             procs_files=self.cgroups.procs_files(ref),
@@ -665,7 +668,7 @@ class Factory:
             )
             spec = self._spec(mt, identity, prepared, owner)
             backend.validate(spec)
-            spec = replace(spec, cgroup=self._make_cgroup(record))
+            spec = replace(spec, cgroup=self._make_cgroup(record, owner))
             self.store.transition(record.uuid, LmState.STARTING)
             handle = backend.start(spec)
         except (LmrunnerError, OSError) as err:

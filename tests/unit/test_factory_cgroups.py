@@ -116,6 +116,9 @@ class FakeCgroups:
     def names(self) -> list[str]:
         return sorted(self.live)
 
+    def delegate(self, ref: CgroupRef, uid: int, gid: int) -> None:
+        self.calls.append(("delegate", self._name(ref)))
+
     def existing(self, name: str) -> CgroupRef | None:
         return CgroupRef(2, name, (("unified", f"{PARENT}/{name}"),)) if name in self.live else None
 

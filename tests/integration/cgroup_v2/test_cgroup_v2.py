@@ -88,3 +88,30 @@ def test_v2_limits_oom_usage_kill_remove(controller: V2Controller) -> None:
         proc.wait(timeout=30)
     controller.remove(tree)
     assert not tree.unique_paths()[0].exists()
+
+
+def test_a_delegated_lm_cgroup_can_be_split_by_its_account(controller: V2Controller) -> None:
+    import pwd
+
+    account = pwd.getpwnam("lmrunner-sc")
+    ref = controller.create("lm-delegated")
+    controller.set_limits(ref, cpus=1, memory_bytes=64 * MIB, swap_bytes=0, pids=64)
+    controller.delegate(ref, account.pw_uid, account.pw_gid)
+    sub = ref.unique_paths()[0] / "pilot-job-1"
+    runner.run(["runuser", "-u", "lmrunner-sc", "--", "mkdir", str(sub)])
+    assert sub.is_dir() and sub.stat().st_uid == account.pw_uid
+    runner.run(["runuser", "-u", "lmrunner-sc", "--", "rmdir", str(sub)])
+    # The limits above it stay root's: the account cannot raise them.
+    denied = runner.run(
+        [
+            "runuser",
+            "-u",
+            "lmrunner-sc",
+            "--",
+            "sh",
+            "-c",
+            f"echo max > {ref.unique_paths()[0]}/memory.max",
+        ],
+        ok_codes=(0, 1, 2),
+    )
+    assert denied.returncode != 0
