@@ -17,7 +17,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,16 +33,16 @@ def main() -> None:
     args = parser.parse_args()
     errors, known, accounted = [], [], []
     for index in range(args.repeat):
-        with tempfile.TemporaryDirectory() as tmp, scenarios.rig(args.backend, Path(tmp)) as rig:
+        with scenarios.rig(args.backend) as rig:
             figures = scenarios.burn_is_accounted(rig)
             if index == 0:
                 cgroups = host_cgroups(rig.config("#!/bin/sh\n").factory)
         errors.append(figures["error"])
         known.append(figures["known_cpu_s"])
         accounted.append(figures["accounted_cpu_s"])
-    with tempfile.TemporaryDirectory() as tmp, scenarios.rig(args.backend, Path(tmp)) as rig:
+    with scenarios.rig(args.backend) as rig:
         loops = scenarios.two_loops_are_held_to_one_cpu(rig)
-    with tempfile.TemporaryDirectory() as tmp, scenarios.rig(args.backend, Path(tmp)) as rig:
+    with scenarios.rig(args.backend) as rig:
         hog = scenarios.hog_is_oom_killed(rig)
     result = {
         "benchmark": "accounting",

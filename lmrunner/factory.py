@@ -716,7 +716,7 @@ class Factory:
             uuid=identity.uuid,
             name=identity.name,
             machinetype=mt.name,
-            image=mt.image,
+            image=self._image(mt),
             command=(mt.container_command,),
             limits=prepared.limits,
             mounts=prepared.mounts,
@@ -731,6 +731,14 @@ class Factory:
             stop_grace_seconds=mt.stop_grace_seconds,
             options={"capabilities": mt.capabilities},
         )
+
+    def _image(self, mt: MachinetypeConfig) -> str:
+        """The machinetype's image, a relative file name resolved in its files folder (engine
+        references such as docker://, oras:// or a Docker image name are passed through)."""
+        if "://" in mt.image or mt.image.startswith("/"):
+            return mt.image
+        candidate = self.config.files_dir(mt.name) / mt.image
+        return str(candidate) if candidate.exists() else mt.image
 
     # --- housekeeping ---------------------------------------------------------------------------
 

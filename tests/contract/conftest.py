@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -127,6 +129,10 @@ class Harness:
         self.tmp_path = tmp_path
         self.case = case
         self.factories: list[Factory] = []
+        # LMs of unprivileged backends (Apptainer runs them as sc_user) must reach their
+        # directories: pytest's own tmp root is 0700, so the state lives outside it.
+        self.state_root = Path(tempfile.mkdtemp(prefix="lmrunner-contract-"))
+        self.state_root.chmod(0o755)
 
     def config(self, behaviour: Behaviour, **options: Any) -> Config:
         folder = self.tmp_path / "machinetype"
@@ -142,7 +148,7 @@ class Harness:
             "factory": {
                 "space": "contract.example.com",
                 "hostname": "factory.example.com",
-                "state_dir": str(self.tmp_path / "state"),
+                "state_dir": str(self.state_root / "state"),
                 "total_processors": 1,
             },
             "machinetypes": {"contract": machinetype},
@@ -189,6 +195,7 @@ class Harness:
             factory.remove_all()  # LMs outlive factories by design; tests must not leave them
             factory.close()
             factory.store.close()
+        shutil.rmtree(self.state_root, ignore_errors=True)
 
 
 @pytest.fixture

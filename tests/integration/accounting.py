@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,17 +25,19 @@ from lmrunner.cgroups import CgroupRef
 from lmrunner.config import Config, load_config
 from lmrunner.factory import Factory, Tuning, host_cgroups
 from lmrunner.lifecycle import OutcomeSource
+from lmrunner.process import identify
 from lmrunner.state import LmRecord, Store
 
 REPO = Path(__file__).resolve().parents[2]
 VCBUSYBOX = Path(os.environ.get("VCBUSYBOX_OUT", REPO / "build" / "vcbusybox"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-#: Burns CPU in a child for 5 s; the payload's shell then reports its own and its reaped
-#: children's CPU time from /proc (fields utime, stime, cutime, cstime): the known amount.
+#: Burns CPU in a child for 8 s (so the engine's own start-up, tens of ms, stays well under 1 %);
+#: the payload's shell then reports its own and its reaped children's CPU time from /proc
+#: (fields utime, stime, cutime, cstime): the known amount.
 BURN = """#!/bin/sh
 ( while :; do :; done ) & loop=$!
-sleep 5; kill $loop; wait $loop
+sleep 8; kill $loop; wait $loop
 cat /proc/$$/stat > "$JOBOUTPUTS/burn.stat"
 echo "200 burnt" > "$JOBOUTPUTS/shutdown_message"
 """
@@ -116,12 +120,17 @@ class Rig:
 
 
 @contextlib.contextmanager
-def rig(backend: str, folder: Path) -> Iterator[Rig]:
-    made = Rig(backend, folder, [])
+def rig(backend: str) -> Iterator[Rig]:
+    """A rig on a fresh 0755 folder (LMs run by sc_user reach their files; pytest's tmp root is
+    0700), removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="lmrunner-accounting-"))
+    root.chmod(0o755)
+    made = Rig(backend, root, [])
     try:
         yield made
     finally:
         made.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def drive(factory: Factory, done: Callable[[], bool], timeout: float = 90.0) -> None:
@@ -182,12 +191,12 @@ def burn_is_accounted(r: Rig) -> dict[str, float]:
     error = abs(row.cpu_seconds - known) / known
     print(f"{r.backend}: payload's own CPU {known:.3f} s, accounted {row.cpu_seconds:.3f} s, "
           f"error {100 * error:.2f} %")  # fmt: skip
-    assert known > 4.0, known  # the loop really ran
+    assert known > 2.0, known  # the loop really ran (the host is shared: not all 8 s)
     assert error <= 0.02
     assert row.vo == "lhcb" and row.fqan == "/lhcb/Role=pilot"
     assert done.started is not None and done.finished is not None
     assert abs(row.wall_seconds - (done.finished - done.started)) < 1e-6
-    assert row.wall_seconds >= 5.0
+    assert row.wall_seconds >= 8.0
     assert row.memory_peak_bytes is not None and row.memory_peak_bytes > 0
     return {"known_cpu_s": known, "accounted_cpu_s": row.cpu_seconds, "error": error}
 
@@ -243,7 +252,7 @@ def kill_leaves_nothing(r: Rig) -> dict[str, float]:
     factory.store.add_request(lm.uuid, "kill")
     done = until_ended(factory, lm.uuid)
     assert done.outcome is not None and done.outcome.source is OutcomeSource.OPERATOR
-    left = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    left = [pid for pid in pids if identify(pid) is not None]  # zombies count as gone
     assert left == [], f"processes left behind: {left}"
     assert all(not path.exists() for path in cgroup_dirs(ref)), cgroup_dirs(ref)
     assert done.cgroup is None

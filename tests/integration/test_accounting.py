@@ -19,13 +19,13 @@ BACKENDS = [
 
 
 @pytest.fixture(params=BACKENDS)
-def rig(request: pytest.FixtureRequest, tmp_path: Path, vcbusybox: Path) -> Iterator[Rig]:
+def rig(request: pytest.FixtureRequest, vcbusybox: Path) -> Iterator[Rig]:
     backend: str = request.param
     if backend == "docker":
         request.getfixturevalue("docker_client")
     else:
         request.getfixturevalue(backend)
-    with scenarios.rig(backend, tmp_path) as made:
+    with scenarios.rig(backend) as made:
         yield made
 
 

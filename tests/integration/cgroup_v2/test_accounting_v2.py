@@ -21,15 +21,14 @@ pytestmark = [pytest.mark.cgroup_v2, pytest.mark.apptainer, pytest.mark.slow]
 
 
 @pytest.fixture
-def rig(tmp_path: Path, vcbusybox: Path, apptainer: str) -> Iterator[Rig]:
+def rig(vcbusybox: Path, apptainer: str) -> Iterator[Rig]:
     try:
         controller = open_controller("/lmrunner")
     except CgroupUnsupported as err:
         pytest.skip(f"no usable cgroups: {err}")
     if not isinstance(controller, V2Controller):
         pytest.skip("not a unified cgroup v2 host")
-    tmp_path.chmod(0o755)  # the LM's account reaches its files below it
-    with scenarios.rig("apptainer", tmp_path) as made:
+    with scenarios.rig("apptainer") as made:
         yield made
 
 

@@ -130,7 +130,8 @@ def test_v1_procs_files_one_per_directory(tmp_path: Path) -> None:
     ctl = V1Controller(bases, "/lmrunner", roots=mounts)
     ref = ctl.create("x")
     files = ctl.procs_files(ref)
-    assert files == tuple(p / "lmrunner/x/cgroup.procs" for p in dict.fromkeys(mounts.values()))
+    # tasks: the new, single-threaded process moves itself without the threadgroup lock
+    assert files == tuple(p / "lmrunner/x/tasks" for p in dict.fromkeys(mounts.values()))
     assert len(files) == 4  # cpu,cpuacct joined: written once
 
 
