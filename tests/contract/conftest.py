@@ -73,6 +73,10 @@ def _docker_machinetype(b: Behaviour, folder: Path) -> dict[str, Any]:
 
 
 REPO = Path(__file__).resolve().parents[2]
+#: How much slower than a development host this one is: scripts/test-v2-guest sets it for the
+#: TCG guest, where Python and container start-up run many times slower. Deadlines and the
+#: time the scenarios allow scale with it; what they assert does not change.
+TIMESCALE = float(os.environ.get("LMRUNNER_TEST_TIMESCALE", "1"))
 VCBUSYBOX_OUT = Path(os.environ.get("VCBUSYBOX_OUT", REPO / "build" / "vcbusybox"))
 
 
@@ -177,7 +181,7 @@ class Harness:
         self, factory: Factory, done: Callable[[], bool], timeout: float | None = None
     ) -> None:
         """Run passes (woken by the backend's exit events) until ``done()`` or time runs out."""
-        timeout = timeout or self.case.timeout
+        timeout = (timeout or self.case.timeout) * TIMESCALE
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             factory.run_pass()

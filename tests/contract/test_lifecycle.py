@@ -6,7 +6,7 @@ import itertools
 
 from lmrunner.backends.base import EngineState
 from lmrunner.lifecycle import LmState, OutcomeSource
-from tests.contract.conftest import Behaviour, Harness
+from tests.contract.conftest import TIMESCALE, Behaviour, Harness
 
 
 def test_payload_message_becomes_the_outcome(harness: Harness) -> None:
@@ -53,7 +53,10 @@ def test_operator_stop_with_grace(harness: Harness) -> None:
 
 def test_wallclock_stop_kills_a_payload_that_ignores_sigterm(harness: Harness) -> None:
     config = harness.config(
-        Behaviour(seconds=60, ignore_term=True), max_wallclock_seconds=1, min_wallclock_seconds=0
+        Behaviour(seconds=60, ignore_term=True),
+        # long enough for the payload to set its trap first, on a slow host too
+        max_wallclock_seconds=max(1, round(TIMESCALE)),
+        min_wallclock_seconds=0,
     )
     factory = harness.factory(config)
     harness.drive(factory, lambda: bool(factory.store.recent()))
@@ -116,4 +119,4 @@ def test_an_exit_is_handled_and_its_processor_reused_within_a_second(harness: Ha
     records = sorted(factory.store.recent(), key=lambda r: r.created)
     for ended, following in itertools.pairwise(records):
         assert ended.finished is not None
-        assert following.created - ended.finished < 1.0, (ended, following)
+        assert following.created - ended.finished < 1.0 * TIMESCALE, (ended, following)

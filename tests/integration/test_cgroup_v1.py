@@ -142,3 +142,11 @@ def test_kill_freeze_and_remove(controller: CgroupController) -> None:
     controller.remove(ref)
     controller.remove(ref)
     assert all(not p.exists() for p in ref.unique_paths())
+
+
+def test_cpu_counter_matches_the_processes_own_rusage_within_2_percent(
+    controller: V1Controller,
+) -> None:
+    from tests.integration.accounting import cpu_matches_rusage
+
+    cpu_matches_rusage(controller, "lm-rusage")

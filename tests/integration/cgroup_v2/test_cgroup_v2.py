@@ -115,3 +115,11 @@ def test_a_delegated_lm_cgroup_can_be_split_by_its_account(controller: V2Control
         ok_codes=(0, 1, 2),
     )
     assert denied.returncode != 0
+
+
+def test_cpu_counter_matches_the_processes_own_rusage_within_2_percent(
+    controller: V2Controller,
+) -> None:
+    from tests.integration.accounting import cpu_matches_rusage
+
+    cpu_matches_rusage(controller, "lm-rusage")
