@@ -202,7 +202,7 @@ def burn_is_accounted(r: Rig) -> dict[str, float]:
     assert row.vo == "lhcb" and row.fqan == "/lhcb/Role=pilot"
     assert done.started is not None and done.finished is not None
     assert abs(row.wall_seconds - (done.finished - done.started)) < 1e-6
-    assert row.wall_seconds >= 8.0
+    assert row.wall_seconds >= 7.5  # "started" is stamped once the engine said so
     assert row.memory_peak_bytes is not None and row.memory_peak_bytes > 0
     return {"known_cpu_s": known, "accounted_cpu_s": row.cpu_seconds, "error": error}
 
