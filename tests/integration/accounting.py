@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import shutil
 import subprocess
 import tempfile
@@ -28,11 +27,11 @@ from lmrunner.factory import Factory, Tuning, host_cgroups
 from lmrunner.lifecycle import OutcomeSource
 from lmrunner.process import identify
 from lmrunner.state import LmRecord, Store
+from tests.integration.conftest import TIMESCALE, drive
 
 REPO = Path(__file__).resolve().parents[2]
 VCBUSYBOX = Path(os.environ.get("VCBUSYBOX_OUT", REPO / "build" / "vcbusybox"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-TIMESCALE = float(os.environ.get("LMRUNNER_TEST_TIMESCALE", "1"))
 
 #: Burns CPU in a child for 8 s (so the engine's own start-up, tens of ms, stays well under 1 %);
 #: the payload's shell then reports its own and its reaped children's CPU time from /proc
@@ -133,17 +132,6 @@ def rig(backend: str) -> Iterator[Rig]:
     finally:
         made.close()
         shutil.rmtree(root, ignore_errors=True)
-
-
-def drive(factory: Factory, done: Callable[[], bool], timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout * TIMESCALE
-    while time.monotonic() < deadline:
-        factory.run_pass()
-        if done():
-            return
-        with contextlib.suppress(queue.Empty):
-            factory.events.put(factory.events.get(timeout=min(factory.next_wait(), 0.5)))
-    raise AssertionError(f"not done within {timeout} s")
 
 
 def one_lm(factory: Factory) -> LmRecord:

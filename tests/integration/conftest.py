@@ -136,3 +136,23 @@ def remove_lms(config_file: Path) -> int:
     finally:
         factory.close()
         factory.store.close()
+
+
+#: scripts/test-v2-guest sets it: everything runs many times slower in the TCG guest.
+TIMESCALE = float(os.environ.get("LMRUNNER_TEST_TIMESCALE", "1"))
+
+
+def drive(factory: Any, done: Any, timeout: float = 60.0) -> None:
+    """Run a factory's passes, woken by its backends' exit events, until ``done()``."""
+    import contextlib
+    import queue
+    import time
+
+    deadline = time.monotonic() + timeout * TIMESCALE
+    while time.monotonic() < deadline:
+        factory.run_pass()
+        if done():
+            return
+        with contextlib.suppress(queue.Empty):
+            factory.events.put(factory.events.get(timeout=min(factory.next_wait(), 0.5)))
+    raise AssertionError(f"not done within {timeout * TIMESCALE} s")

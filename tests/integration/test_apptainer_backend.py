@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
-import queue
 import shutil
 import signal
 import subprocess
@@ -37,7 +36,7 @@ from lmrunner.factory import Factory, Tuning, host_cgroups
 from lmrunner.lifecycle import LmState, OutcomeSource
 from lmrunner.model import Limits, Mount
 from lmrunner.state import LmRecord, Store
-from tests.integration.conftest import REPO
+from tests.integration.conftest import REPO, drive
 
 pytestmark = [pytest.mark.apptainer, pytest.mark.slow]
 
@@ -153,17 +152,6 @@ def factory_of(site: Site) -> Iterator[Callable[..., Factory]]:
         factory.remove_all()  # LMs outlive factories by design; tests must not leave them
         factory.close()
         factory.store.close()
-
-
-def drive(factory: Factory, done: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        factory.run_pass()
-        if done():
-            return
-        with contextlib.suppress(queue.Empty):
-            factory.events.put(factory.events.get(timeout=min(factory.next_wait(), 0.5)))
-    raise AssertionError(f"not done within {timeout} s")
 
 
 def first(factory: Factory) -> LmRecord:

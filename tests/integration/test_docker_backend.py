@@ -5,9 +5,7 @@ The life-cycle scenarios shared with every backend are in tests/contract/.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -24,7 +22,7 @@ from lmrunner.config import Config, load_config
 from lmrunner.factory import Factory, Tuning, host_cgroups
 from lmrunner.lifecycle import LmState, OutcomeSource
 from lmrunner.state import LmRecord, Store
-from tests.integration.conftest import REPO
+from tests.integration.conftest import REPO, drive
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -81,17 +79,6 @@ def factory_of(docker_client: Any, vcbusybox: Path) -> Iterator[Callable[[Config
             container.remove(force=True)
         factory.close()
         factory.store.close()
-
-
-def drive(factory: Factory, done: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        factory.run_pass()
-        if done():
-            return
-        with contextlib.suppress(queue.Empty):
-            factory.events.put(factory.events.get(timeout=min(factory.next_wait(), 0.5)))
-    raise AssertionError(f"not done within {timeout} s")
 
 
 def first(factory: Factory) -> LmRecord:
