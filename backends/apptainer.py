@@ -193,6 +193,9 @@ class ApptainerBackend:
 
     # --- the protocol ---------------------------------------------------------------------------
 
+    def memory_overhead(self) -> int:
+        return 0  # the LM's processes are all there is
+
     def probe(self) -> Probe:
         binary = self._binary()
         if binary is None:

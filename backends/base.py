@@ -116,6 +116,10 @@ class Backend(Protocol):
     def probe(self) -> Probe:
         """Can this engine be used now? Never raises."""
 
+    def memory_overhead(self) -> int:
+        """Bytes the engine itself needs in an LM's cgroup beyond the LM's memory (a VM's
+        QEMU); the core adds them to the cgroup's memory limit. 0 for containers."""
+
     def validate(self, spec: MachineSpec) -> None:
         """Raise :class:`~lmrunner.errors.SpecError`, before any side effect, if it cannot run."""
 

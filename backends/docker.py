@@ -77,6 +77,9 @@ class DockerBackend:
 
     # --- the protocol ---------------------------------------------------------------------------
 
+    def memory_overhead(self) -> int:
+        return 0  # the LM's processes are all there is
+
     def probe(self) -> Probe:
         try:
             version = self.client.version()

@@ -91,6 +91,9 @@ class FakeBackend:
 
     # --- the protocol ---------------------------------------------------------------------
 
+    def memory_overhead(self) -> int:
+        return 0  # the LM's processes are all there is
+
     def probe(self) -> Probe:
         return Probe(Health.OK, "1", f"fake engine in {self.engine_dir}")
 

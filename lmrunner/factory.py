@@ -36,7 +36,7 @@ from lmrunner.backends.base import (
     Status,
 )
 from lmrunner.cgroups import CgroupController, CgroupRef, Usage, open_controller
-from lmrunner.config import Config, FactoryConfig, MachinetypeConfig
+from lmrunner.config import Config, FactoryConfig, MachinetypeConfig, resolve_local
 from lmrunner.errors import (
     BackendError,
     BackendUnavailable,
@@ -303,7 +303,9 @@ class Factory:
             LOG.error("lm=%s: cannot read its cgroup: %s", record.name, err)
             return None
 
-    def _make_cgroup(self, record: LmRecord, owner: tuple[int, int]) -> LmCgroup | None:
+    def _make_cgroup(
+        self, record: LmRecord, owner: tuple[int, int], overhead: int = 0
+    ) -> LmCgroup | None:
         """Create and limit the LM's cgroup before its engine starts anything (and delegate it
         to the LM's account when configured)."""
         if self.cgroups is None:
@@ -314,7 +316,7 @@ class Factory:
         self.cgroups.set_limits(
             ref,
             cpus=float(limits.processors),
-            memory_bytes=limits.memory_bytes,
+            memory_bytes=limits.memory_bytes + overhead,  # the LM's, plus its engine's own
             swap_bytes=limits.swap_bytes,
             pids=limits.pids or 4_194_304,  # 0 means unlimited: the kernel's PID_MAX_LIMIT
         )
@@ -668,7 +670,7 @@ class Factory:
             )
             spec = self._spec(mt, identity, prepared, owner)
             backend.validate(spec)
-            spec = replace(spec, cgroup=self._make_cgroup(record, owner))
+            spec = replace(spec, cgroup=self._make_cgroup(record, owner, backend.memory_overhead()))
             self.store.transition(record.uuid, LmState.STARTING)
             handle = backend.start(spec)
         except (LmrunnerError, OSError) as err:
@@ -729,7 +731,14 @@ class Factory:
             directory=prepared.directory,
             owner=owner,
             stop_grace_seconds=mt.stop_grace_seconds,
-            options={"capabilities": mt.capabilities},
+            options={
+                "capabilities": mt.capabilities,
+                "vm_initrd": None
+                if mt.vm_initrd is None
+                else str(resolve_local(mt.vm_initrd, self.config.files_dir(mt.name))),
+                "vm_kernel_append": mt.vm_kernel_append,
+                "vm_network": mt.vm_network,
+            },
         )
 
     def _image(self, mt: MachinetypeConfig) -> str:

@@ -44,6 +44,9 @@ class Case:
     marks: tuple[Any, ...] = ()
     #: seconds one scenario step may take (a VM under TCG boots for ~10 s before its payload)
     timeout: float = 30.0
+    #: grace of an operator stop sent right after the start: a VM must have booted far enough
+    #: to hear the ACPI button and pass SIGTERM on
+    stop_grace: float = 5.0
 
 
 def _fake_machinetype(b: Behaviour, folder: Path) -> dict[str, Any]:
@@ -104,7 +107,7 @@ CASES = [
     Case("fake", _fake_machinetype),
     Case("docker", _docker_machinetype, (pytest.mark.docker, pytest.mark.slow)),
     Case("apptainer", _apptainer_machinetype, (pytest.mark.apptainer, pytest.mark.slow)),
-    Case("vm", _vm_machinetype, (pytest.mark.qemu, pytest.mark.slow), timeout=120.0),
+    Case("vm", _vm_machinetype, (pytest.mark.qemu, pytest.mark.slow), timeout=120.0, stop_grace=60),
 ]
 
 

@@ -40,7 +40,7 @@ def test_operator_stop_with_grace(harness: Harness) -> None:
     factory = harness.factory(harness.config(Behaviour(seconds=60)))
     harness.drive(factory, lambda: bool(factory.store.active()))
     record = factory.store.active()[0]
-    factory.store.add_request(record.uuid, "stop", 5)
+    factory.store.add_request(record.uuid, "stop", harness.case.stop_grace)
     harness.drive(factory, lambda: not factory.store.get(record.uuid).active)  # type: ignore[union-attr]
     done = factory.store.get(record.uuid)
     assert done is not None and done.outcome is not None

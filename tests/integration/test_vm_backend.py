@@ -8,11 +8,8 @@ is removed at its end. The life-cycle scenarios shared with every backend are in
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import pwd
-import queue
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -24,33 +21,16 @@ import yaml
 
 from lmrunner import runner
 from lmrunner.backends import make_backends, vm
-from lmrunner.backends.base import MachineSpec
-from lmrunner.config import Config, MachinetypeConfig, load_config
+from lmrunner.config import Config, load_config
 from lmrunner.factory import Factory, Tuning, host_cgroups
 from lmrunner.lifecycle import LmState, OutcomeSource
 from lmrunner.state import LmRecord, Store
+from tests.integration.conftest import drive
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
 #: A TCG boot of vcbusybox takes 5-15 s on a busy 2-core host.
 BOOT_TIMEOUT = 120.0
-
-
-@pytest.fixture(autouse=True)
-def _vm_options_in_spec(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The machinetype's VM options in ``MachineSpec.options``, for as long as the core does not
-    pass them itself (asked of the core: ``Factory._spec``)."""
-    original = Factory._spec
-
-    def spec(self: Factory, mt: MachinetypeConfig, *args: Any) -> MachineSpec:
-        made = original(self, mt, *args)
-        if "vm_initrd" in made.options:
-            return made
-        extra = {"vm_initrd": mt.vm_initrd, "vm_kernel_append": mt.vm_kernel_append,
-                 "vm_network": mt.vm_network}  # fmt: skip
-        return dataclasses.replace(made, options={**made.options, **extra})
-
-    monkeypatch.setattr(Factory, "_spec", spec)
 
 
 def make_config(
@@ -115,20 +95,9 @@ def factory_of(
         factory.store.close()
 
 
-def drive(factory: Factory, done: Callable[[], bool], timeout: float = BOOT_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        factory.run_pass()
-        if done():
-            return
-        with contextlib.suppress(queue.Empty):
-            factory.events.put(factory.events.get(timeout=min(factory.next_wait(), 0.5)))
-    raise AssertionError(f"not done within {timeout} s")
-
-
 def start_one(factory: Factory) -> LmRecord:
     """Run passes until the factory started its LM; then drain it (no second LM after it)."""
-    drive(factory, lambda: bool(factory.store.recent()))
+    drive(factory, lambda: bool(factory.store.recent()), BOOT_TIMEOUT)
     factory.store.set_meta("draining", "1")
     return only(factory)
 
@@ -168,7 +137,7 @@ def test_user_data_output_and_shutdown_message_reach_the_host(
     factory = factory_of(make_config(tmp_path, vm_artefacts, script))
     lm = start_one(factory)
     assert lm.handle is not None and lm.handle.data["accel"] in ("tcg", "kvm")
-    drive(factory, ended(factory))
+    drive(factory, ended(factory), BOOT_TIMEOUT)
 
     done = only(factory)
     assert done.outcome is not None
@@ -241,7 +210,7 @@ def test_a_new_daemon_adopts_the_running_vm(
     assert adopted.handle == lm.handle and running(adopted)
 
     (lm.directory / "jobfeatures" / "go").write_text("")
-    drive(second, ended(second))
+    drive(second, ended(second), BOOT_TIMEOUT)
     done = only(second)
     assert done.outcome is not None
     assert (done.outcome.code, done.outcome.source) == (200, OutcomeSource.PAYLOAD), done.outcome
