@@ -521,6 +521,10 @@ def _load_accel(path: Path, key: tuple[str, str, str]) -> AccelProbe | None:
         return None
 
 
+#: Where the accelerator probe's answer is kept for the whole host (best effort).
+HOST_CACHE_DIR = Path(os.environ.get("LMRUNNER_CACHE_DIR", "/var/cache/lmrunner"))
+
+
 def _save_accel(path: Path, key: tuple[str, str, str], result: AccelProbe) -> None:
     data = {
         "accel": result.accel.value, "detail": result.detail, "seconds": result.seconds,
@@ -752,7 +756,8 @@ class VmBackend:
 
     def accel(self) -> AccelProbe:
         """The accelerator LMs start under (``factory.vm_accel``; ``auto`` probes once per host
-        kernel and QEMU version, cached in <state_dir>/vm/accel.json)."""
+        kernel and QEMU version, cached in <state_dir>/vm/accel.json and host-wide in
+        /var/cache/lmrunner/vm-accel.json)."""
         choice = self.factory.vm_accel
         if choice == "tcg":
             return AccelProbe(Accel.TCG, "factory.vm_accel is tcg", 0.0)
@@ -761,8 +766,11 @@ class VmBackend:
         qemu, version = self._qemu()
         key = (qemu, version, os.uname().release)
         cache = self.root / "accel.json"
+        # The answer is the host's, not one factory's: a host-wide copy spares every new state
+        # directory (tests, the demo) the 20 s probe.
+        host_cache = HOST_CACHE_DIR / "vm-accel.json"
         with _ACCEL_LOCK:
-            found = _ACCEL_CACHE.get(key) or _load_accel(cache, key)
+            found = _ACCEL_CACHE.get(key) or _load_accel(cache, key) or _load_accel(host_cache, key)
             if found is not None:
                 _ACCEL_CACHE[key] = found
                 return found
@@ -775,6 +783,7 @@ class VmBackend:
             found = probe_accel(qemu, *artefacts, timeout=self.probe_timeout, cpu="host")
             _ACCEL_CACHE[key] = found
             _save_accel(cache, key, found)
+            _save_accel(host_cache, key, found)
             return found
 
     def _probe_guest(self) -> tuple[Path, Path] | None:

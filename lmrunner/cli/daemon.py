@@ -75,6 +75,15 @@ def run(args: argparse.Namespace) -> int:
         finally:
             store.close()
     lock = _exclusive(config.factory.state_dir)  # held until this process exits
+    # Probing engines can take a while (a VM host's first KVM probe boots a guest): a SIGTERM
+    # meanwhile is remembered and honoured once the factory exists, instead of killing us.
+    early_stop: list[int] = []
+
+    def stop_early(signum: int, frame: FrameType | None) -> None:
+        early_stop.append(signum)
+
+    signal.signal(signal.SIGTERM, stop_early)
+    signal.signal(signal.SIGINT, stop_early)
     names = {mt.backend.value for mt in config.machinetypes.values()}
     cgroups = host_cgroups(config.factory)
     if cgroups is not None:
@@ -113,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, reload)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if early_stop:
+        stop(early_stop[0], None)
     store.set_meta("daemon_pid", str(os.getpid()))
     try:
         factory.run(once=args.once)

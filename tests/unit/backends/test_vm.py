@@ -671,6 +671,7 @@ def test_auto_probes_once_per_qemu_and_kernel_and_caches_on_disk(
     assert len(probes) == 1
     cache["kernel"] = "another-kernel"  # after a host kernel update: probed again
     (factory.state_dir / "vm" / "accel.json").write_text(json.dumps(cache))
+    (vm.HOST_CACHE_DIR / "vm-accel.json").write_text(json.dumps(cache))  # the host-wide copy
     monkeypatch.setattr(vm, "_ACCEL_CACHE", {})
     vm.VmBackend(auto, probe_dirs=(guest,)).accel()
     assert len(probes) == 2
