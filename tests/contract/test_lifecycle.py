@@ -56,7 +56,7 @@ def test_wallclock_stop_kills_a_payload_that_ignores_sigterm(harness: Harness) -
         Behaviour(seconds=60, ignore_term=True),
         # long enough for the payload to set its trap first: in the TCG guest an engine's
         # start-up alone takes seconds
-        max_wallclock_seconds=1 if TIMESCALE == 1 else round(4 * TIMESCALE),
+        max_wallclock_seconds=round(3 * TIMESCALE),
         min_wallclock_seconds=0,
     )
     factory = harness.factory(config)
