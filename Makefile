@@ -51,6 +51,7 @@ bench:
 	$(PY) bench/start_latency.py --backend vm --repeat 5
 	$(PY) bench/accounting.py --backend docker
 	$(PY) bench/accounting.py --backend apptainer
+	$(PY) bench/accounting.py --backend vm --repeat 1
 
 clean:
 	rm -rf build .cache .pytest_cache .mypy_cache .ruff_cache

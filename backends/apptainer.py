@@ -316,7 +316,7 @@ class ApptainerBackend:
                 self._kill(spec.uuid, Handle(HANDLE_VERSION, data))
             _remove_quietly(paths)
             raise StartError(self.name, f"cannot record {spec.name}: {err}") from err
-        return Handle(HANDLE_VERSION, data)
+        return Handle(HANDLE_VERSION, data, {"pid": str(process.pid)})
 
     def recover(self, uuid: str, handle: Handle) -> None:
         process = _process(handle)
@@ -401,7 +401,7 @@ class ApptainerBackend:
                 file.stem,
                 labels.get(LABEL_NAME, ""),
                 labels.get(LABEL_FACTORY, ""),
-                Handle(HANDLE_VERSION, data),
+                Handle(HANDLE_VERSION, data, {"pid": str(data["pid"])}),
             )
         # Processes of sc_user carrying the labels of an LM without a record (the daemon died
         # between starting it and writing the record): orphans, removed after a grace period.

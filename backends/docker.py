@@ -169,7 +169,8 @@ class DockerBackend:
             raise StartError(
                 self.name, f"cannot start the container of {spec.name}: {err}"
             ) from err
-        return Handle(HANDLE_VERSION, {"id": container.id, "directory": str(spec.directory)})
+        data = {"id": container.id, "directory": str(spec.directory)}
+        return Handle(HANDLE_VERSION, data, {"container": str(container.id)[:12]})
 
     def recover(self, uuid: str, handle: Handle) -> None:
         self._container(handle)  # raises MachineNotFound when it is gone
@@ -237,7 +238,7 @@ class DockerBackend:
                 c.labels.get(LABEL_UUID, ""),
                 c.labels.get(LABEL_NAME, ""),
                 c.labels.get(LABEL_FACTORY, ""),
-                Handle(HANDLE_VERSION, {"id": c.id}),
+                Handle(HANDLE_VERSION, {"id": c.id}, {"container": str(c.id)[:12]}),
             )
             for c in containers
         ]

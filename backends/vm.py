@@ -46,7 +46,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lmrunner import atomic, process, runner
-from lmrunner.backends import vm_drive
+from lmrunner.backends import vm_drive, vm_kernel
 from lmrunner.backends.base import (
     LABEL_FACTORY,
     LABEL_NAME,
@@ -110,6 +110,8 @@ PRESS_AGAIN_SECONDS = 2.0
 RECORD, EXIT, SHUTDOWN = "lm.json", "exit.json", "shutdown.json"
 QMP_SOCKET, EVENTS_SOCKET = "qmp.sock", "events.sock"
 DRIVE, OVERLAY, SCRATCH = "config.iso", "overlay.qcow2", "scratch.qcow2"
+KERNELS = "kernels"  # <state_dir>/vm/kernels: unpacked kernels (vm_kernel), shared by all LMs
+BOOT_UNPACKED = "kernel-pvh"  # how an LM booted (ImageKind, or this: the unpacked ELF kernel)
 CONSOLE_LOG, QEMU_LOG = "console.log", "qemu.log"
 
 
@@ -293,6 +295,7 @@ class Launch:
     vm_dir: Path
     runas: str | None  # account QEMU drops to after opening everything (None: stays)
     scratch: bool  # a scratch disk was made
+    kernel: Path | None = None  # the kernel to boot instead of the image (vm_kernel.cached)
 
 
 def qemu_argv(spec: MachineSpec, boot: Plan, launch: Launch) -> list[str]:
@@ -323,7 +326,7 @@ def qemu_argv(spec: MachineSpec, boot: Plan, launch: Launch) -> list[str]:
     ]  # fmt: skip
     disk = "if=none,cache=unsafe,discard=unmap"  # throw-away disks: no flushes
     if boot.kind is ImageKind.KERNEL:
-        argv += ["-kernel", str(boot.image), "-append", boot.append]
+        argv += ["-kernel", str(launch.kernel or boot.image), "-append", boot.append]
         if boot.initrd is not None:
             argv += ["-initrd", str(boot.initrd)]
     elif boot.kind is ImageKind.ISO:
@@ -569,6 +572,8 @@ class VmBackend:
         self._children: set[str] = set()  # LMs whose QEMU is this process's child
         self._pressing: set[str] = set()  # LMs whose power button is pressed until they end
         self._closed = threading.Event()
+        self._kernels = vm_kernel.KernelCache(self.root / KERNELS)
+        self._told: set[str] = set()  # kernels already logged as not unpackable
 
     # --- the protocol ---------------------------------------------------------------------
 
@@ -606,7 +611,7 @@ class VmBackend:
         record: dict[str, Any] = {
             "uuid": spec.uuid, "name": spec.name, "labels": dict(spec.labels),
             "directory": str(spec.directory), "accel": accel.value, "qemu": version,
-            "created": time.time(), "pid": None, "start_ticks": None,
+            "created": time.time(), "pid": None, "start_ticks": None, "boot": boot.kind.value,
         }  # fmt: skip
         pid: process.ProcessId | None = None
         try:
@@ -619,7 +624,10 @@ class VmBackend:
             if scratch:
                 self._qemu_img("create", "-q", "-f", "qcow2", vm_dir / SCRATCH,
                                str(spec.limits.disk_bytes))  # fmt: skip
-            launch = Launch(qemu, _version_tuple(version), accel, vm_dir, runas, scratch)
+            kernel = self._direct_kernel(boot, accel)
+            if kernel is not None:
+                record["boot"] = BOOT_UNPACKED
+            launch = Launch(qemu, _version_tuple(version), accel, vm_dir, runas, scratch, kernel)
             argv = qemu_argv(spec, boot, launch)
             with self._lock:
                 self._children.add(spec.uuid)
@@ -644,11 +652,11 @@ class VmBackend:
             if isinstance(err, StartError):
                 raise
             raise StartError(self.name, f"cannot start the VM of {spec.name}: {err}") from err
-        LOG.info("vm: lm=%s pid=%d accel=%s %s", spec.name, pid.pid, accel, boot.kind)
+        LOG.info("vm: lm=%s pid=%d accel=%s boot=%s", spec.name, pid.pid, accel, record["boot"])
         return Handle(HANDLE_VERSION, {
             "pid": pid.pid, "start_ticks": pid.start_ticks, "vm_dir": str(vm_dir),
             "directory": str(spec.directory), "accel": accel.value,
-        })  # fmt: skip
+        }, _engine(record))  # fmt: skip
 
     def recover(self, uuid: str, handle: Handle) -> None:
         record = self._record(uuid)
@@ -731,7 +739,7 @@ class VmBackend:
                 "pid": record.get("pid"), "start_ticks": record.get("start_ticks"),
                 "vm_dir": str(file.parent), "directory": record.get("directory"),
                 "accel": record.get("accel"),
-            })  # fmt: skip
+            }, _engine(record))  # fmt: skip
             owned.append(Owned(record["uuid"], labels.get(LABEL_NAME, ""),
                                labels.get(LABEL_FACTORY, ""), handle))  # fmt: skip
         return owned
@@ -812,6 +820,23 @@ class VmBackend:
             match = re.search(r"version (\d+\.\d+(?:\.\d+)?)", done.stdout)
             self._version = (found, match.group(1) if match else done.stdout.strip()[:40])
         return self._version
+
+    def _direct_kernel(self, boot: Plan, accel: Accel) -> Path | None:
+        """The unpacked ELF to boot instead of a bzImage (:mod:`vm_kernel`), or None."""
+        choice = self.factory.vm_direct_kernel
+        if boot.kind is not ImageKind.KERNEL or choice == "never":
+            return None
+        if choice == "auto" and accel is not Accel.TCG:  # KVM decompresses in ~0.2 s: keep KASLR
+            return None
+        try:
+            kernel: Path = self._kernels.get(boot.image)
+        except vm_kernel.KernelError as err:
+            told = f"{boot.image}: {err}"
+            if told not in self._told:  # once per kernel, not once per LM
+                self._told.add(told)
+                LOG.info("vm: %s boots as a bzImage: %s", boot.image, err)
+            return None
+        return kernel
 
     def _qemu_img(self, *args: str | Path) -> None:
         found = shutil.which(QEMU_IMG)
@@ -957,6 +982,12 @@ class VmBackend:
             pass
         finally:
             os.close(pidfd)
+
+
+def _engine(record: Mapping[str, Any]) -> dict[str, str]:
+    """What ``lmrunner ps --json`` shows of a VM (``Handle.engine``)."""
+    facts = {"accel": record.get("accel"), "boot": record.get("boot"), "pid": record.get("pid")}
+    return {key: str(value) for key, value in facts.items() if value is not None}
 
 
 def _gone(pid: process.ProcessId, timeout: float) -> bool:

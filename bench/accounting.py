@@ -3,10 +3,12 @@
 
 Runs the scenarios of issue 6 (``tests/integration/accounting.py``) against the real engine and
 the host's cgroup controller (v1 on hybrid hosts, v2 when unified):
-  - accuracy: a payload burns CPU for 5 s and reports its own CPU time from /proc (the raw
-    figure); the LM's accounted CPU seconds are compared with it (target: within 2 %);
+  - accuracy: a payload burns CPU for 8 s and reports its own CPU time from /proc (the raw
+    figure); the LM's accounted CPU seconds are compared with it (target: within 2 %). For VMs
+    the raw figure is QEMU's own CPU time (/proc/PID/stat), sampled with the cgroup's;
   - enforcement: two busy loops in a 1-processor LM, CPUs used over 10 s (target <= 1.05);
-  - memory: a hog in a 64 MiB LM, its peak against the limit, and the outcome (must be oom).
+  - memory: a hog in a 64 MiB LM, its peak against the limit, and the outcome (must be oom);
+    not for VMs, whose guest kernel kills the hog (``hog_peak_over_limit``: null).
 ``--repeat`` runs the accuracy scenario several times and reports the median error.
 The last line of stdout is one JSON object.
 """
@@ -34,7 +36,7 @@ def main() -> None:
     errors, known, accounted = [], [], []
     for index in range(args.repeat):
         with scenarios.rig(args.backend) as rig:
-            figures = scenarios.burn_is_accounted(rig)
+            figures = scenarios.accuracy(args.backend)(rig)
             if index == 0:
                 cgroups = host_cgroups(rig.config("#!/bin/sh\n").factory)
         errors.append(figures["error"])
@@ -42,8 +44,10 @@ def main() -> None:
         accounted.append(figures["accounted_cpu_s"])
     with scenarios.rig(args.backend) as rig:
         loops = scenarios.two_loops_are_held_to_one_cpu(rig)
-    with scenarios.rig(args.backend) as rig:
-        hog = scenarios.hog_is_oom_killed(rig)
+    hog = None
+    if args.backend in scenarios.OOM_IN_CGROUP:
+        with scenarios.rig(args.backend) as rig:
+            hog = scenarios.hog_is_oom_killed(rig)
     result = {
         "benchmark": "accounting",
         "backend": args.backend,
@@ -54,7 +58,7 @@ def main() -> None:
         "known_cpu_s": [round(x, 3) for x in known],
         "accounted_cpu_s": [round(x, 3) for x in accounted],
         "two_loops_cpus": loops["cpus"],
-        "hog_peak_over_limit": hog["peak_bytes"] / hog["limit_bytes"],
+        "hog_peak_over_limit": None if hog is None else hog["peak_bytes"] / hog["limit_bytes"],
     }
     print(json.dumps(result))
 

@@ -15,7 +15,19 @@ def write_text(
     owner: tuple[int, int] | None = None,
     durable: bool = True,
 ) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename.
+    """Write ``text`` (UTF-8) to ``path`` atomically: :func:`write_bytes`."""
+    write_bytes(path, text.encode(), mode=mode, owner=owner, durable=durable)
+
+
+def write_bytes(
+    path: Path,
+    data: bytes,
+    *,
+    mode: int = 0o644,
+    owner: tuple[int, int] | None = None,
+    durable: bool = True,
+) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
     The temporary file gets ``mode`` (and ``owner``) before any byte is written, so a secret is
     never readable by others even for a moment. ``durable=False`` skips the fsync, for files in
@@ -26,8 +38,8 @@ def write_text(
         os.fchmod(fd, mode)
         if owner is not None:
             os.fchown(fd, *owner)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             if durable:
                 os.fsync(handle.fileno())

@@ -130,6 +130,15 @@ class FactoryConfig:
         pattern=r"auto|kvm|tcg",
         pattern_text="auto, kvm or tcg",
     )
+    vm_direct_kernel: str = option(
+        "auto",
+        "Boot VM kernels (bzImage) through their uncompressed ELF and PVH entry, unpacked once "
+        "into the state directory: saves the guest's own decompression (~5 s under TCG; the "
+        "guest loses KASLR). auto: under TCG only; always; never. Kernels without PVH boot as "
+        "given.",
+        pattern=r"auto|always|never",
+        pattern_text="auto, always or never",
+    )
     swap_mb_per_processor: int = option(
         0, "Swap per processor an LM may use (max_swap_bytes).", unit="MiB", minimum=0
     )

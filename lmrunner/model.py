@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -62,15 +62,22 @@ class Limits:
 class Handle:
     """What a backend needs to find its LM again after a daemon restart (persisted as JSON).
 
-    ``version`` lets a newer backend read handles an older one wrote.
+    ``version`` lets a newer backend read handles an older one wrote. ``data`` is the backend's
+    own; ``engine`` holds facts for people (``lmrunner ps --json``: a VM's accelerator, a
+    container's id), short strings by name, and is never read back by the backend.
     """
 
     version: int
     data: Mapping[str, Any]
+    engine: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "data": dict(self.data)}
+        value: dict[str, Any] = {"version": self.version, "data": dict(self.data)}
+        if self.engine:
+            value["engine"] = dict(self.engine)
+        return value
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> Handle:
-        return cls(int(value["version"]), dict(value["data"]))
+        engine = {str(k): str(v) for k, v in dict(value.get("engine") or {}).items()}
+        return cls(int(value["version"]), dict(value["data"]), engine)

@@ -321,7 +321,7 @@ class Store:
         columns = (
             "uuid, name, machinetype, backend, slot, state, processors, created, started, "
             "finished, "
-            "shutdown_time, cpu_seconds, memory_peak_bytes, outcome, cgroup"
+            "shutdown_time, cpu_seconds, memory_peak_bytes, outcome, cgroup, handle"
         )
         marks = ", ".join("?" for _ in ACTIVE)
         states = tuple(s.value for s in ACTIVE)

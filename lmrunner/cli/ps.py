@@ -79,6 +79,11 @@ def _outcome(row: dict[str, Any]) -> dict[str, Any] | None:
     return None if value is None else dict(json.loads(value))
 
 
+def _engine(row: dict[str, Any]) -> dict[str, str]:
+    value = row.get("handle")
+    return {} if value is None else dict(json.loads(value).get("engine") or {})
+
+
 def to_json(row: dict[str, Any]) -> dict[str, Any]:
     """One LM in the ``lmrunner.ps/1`` schema (docs/cli.md)."""
     return {
@@ -96,6 +101,8 @@ def to_json(row: dict[str, Any]) -> dict[str, Any]:
         "memory_bytes": row["memory_bytes"],
         "memory_peak_bytes": row["memory_peak_bytes"],
         "outcome": _outcome(row),
+        # Facts the backend gives about how its engine runs the LM (a VM's accel, a container).
+        "engine": _engine(row),
         # Which numbers were measured (from the LM's cgroup: live while it runs, final after).
         "measured": {
             "cpu_seconds": row["cpu_seconds"] is not None,

@@ -25,7 +25,7 @@ from lmrunner.config import Config, load_config
 from lmrunner.factory import Factory, Tuning, host_cgroups
 from lmrunner.lifecycle import LmState, OutcomeSource
 from lmrunner.state import LmRecord, Store
-from tests.integration.conftest import drive
+from tests.integration.conftest import REPO, drive
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -137,6 +137,14 @@ def test_user_data_output_and_shutdown_message_reach_the_host(
     factory = factory_of(make_config(tmp_path, vm_artefacts, script))
     lm = start_one(factory)
     assert lm.handle is not None and lm.handle.data["accel"] in ("tcg", "kvm")
+    # Under TCG the Debian kernel boots unpacked, through its PVH entry (vm_direct_kernel auto).
+    expected_boot = vm.BOOT_UNPACKED if lm.handle.data["accel"] == "tcg" else "kernel"
+    assert lm.handle.engine["boot"] == expected_boot
+    ps = runner.run([REPO / ".venv" / "bin" / "lmrunner", "ps", "--json", "--state-dir",
+                     factory.config.factory.state_dir])  # fmt: skip
+    (entry,) = json.loads(ps.stdout)["lms"]
+    assert entry["engine"]["accel"] == lm.handle.data["accel"]
+    assert entry["engine"]["boot"] == expected_boot
     drive(factory, ended(factory), BOOT_TIMEOUT)
 
     done = only(factory)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -29,6 +31,7 @@ from lmrunner.config import FactoryConfig
 from lmrunner.errors import BackendError, CommandError, MachineNotFound, SpecError, StartError
 from lmrunner.model import MIB, Limits, Mount
 from lmrunner.process import ExitStatus, ProcessId
+from tests.unit.backends.test_vm_kernel import PVH_ELF, bzimage
 
 UUID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 22}}, "capabilities": []}}
@@ -477,6 +480,45 @@ def test_start_prepares_disks_and_drive_then_spawns_in_the_lm_cgroup(
     assert [o.uuid for o in backend.list_owned()] == [UUID]
     assert backend.list_owned()[0].factory == "f1"
     assert backend.inspect(UUID, handle).state is EngineState.RUNNING
+
+
+@pytest.mark.parametrize(
+    ("accel", "choice", "unpacked"),
+    [("tcg", "auto", True), ("kvm", "auto", False), ("kvm", "always", True),
+     ("tcg", "never", False)],
+)  # fmt: skip
+def test_kernels_boot_unpacked_under_tcg_unless_told_otherwise(
+    factory: FactoryConfig, running: set[int], commands: list[list[str]], tmp_path: Path,
+    accel: str, choice: str, unpacked: bool,
+) -> None:  # fmt: skip
+    kernel = tmp_path / "images" / "vmlinuz"
+    kernel.parent.mkdir()
+    kernel.write_bytes(bzimage(gzip.compress(PVH_ELF)))
+    config = dataclasses.replace(factory, vm_accel=accel, vm_direct_kernel=choice)
+    backend = vm.VmBackend(config, None, supervisor=FakeSupervisor(running))  # type: ignore[arg-type]
+    try:
+        handle = backend.start(make_spec(tmp_path, kernel, vm_initrd=str(kernel)))
+        booted = option_after(fake(backend).spawned[0]["argv"], "-kernel")
+    finally:
+        backend.close()
+    elf = backend.root / vm.KERNELS / f"{hashlib.sha256(kernel.read_bytes()).hexdigest()}.elf"
+    assert booted == [str(elf if unpacked else kernel)]
+    assert handle.engine == {"accel": accel, "pid": "4242",
+                             "boot": vm.BOOT_UNPACKED if unpacked else "kernel"}  # fmt: skip
+    assert elf.exists() == unpacked
+
+
+def test_a_kernel_without_pvh_boots_as_given_and_is_told_once(
+    backend: vm.VmBackend, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    made = files(tmp_path)  # a header without a payload
+    spec = make_spec(tmp_path, made["vmlinuz"], vm_initrd=str(made["initrd"]))
+    plan = vm.plan(spec)
+    with caplog.at_level("INFO", logger="lmrunner.backends.vm"):
+        assert backend._direct_kernel(plan, vm.Accel.TCG) is None
+        assert backend._direct_kernel(plan, vm.Accel.TCG) is None
+    told = [r.getMessage() for r in caplog.records if "boots as a bzImage" in r.getMessage()]
+    assert len(told) == 1 and "has no payload fields" in told[0]
 
 
 def test_a_qemu_that_exits_at_once_fails_the_start_and_leaves_nothing(

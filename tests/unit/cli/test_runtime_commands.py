@@ -27,11 +27,12 @@ import pytest
 from lmrunner import config as config_mod
 from lmrunner.cli import COMMANDS, build_parser, main
 from lmrunner.lifecycle import LmState, Outcome, OutcomeSource
-from lmrunner.model import Limits
+from lmrunner.model import Handle, Limits
 from lmrunner.state import DB_NAME, LmRecord, Store
 
 HEADER = ["NAME", "MACHINETYPE", "BACKEND", "STATE", "PROCS", "UPTIME", "CPU%", "MEM", "OUTCOME"]
 PS_KEYS = {
+    "engine",
     "name",
     "uuid",
     "machinetype",
@@ -234,6 +235,19 @@ def test_ps_quiet_prints_names_only(
     assert capsys.readouterr().out == "vac01-00.example.com\nvac01-01.example.com\n"
 
 
+def test_ps_json_shows_what_the_backend_says_of_its_engine(
+    state: Path, store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    facts = {"accel": "tcg", "boot": "kernel-pvh", "pid": "4242"}
+    handle = Handle(1, {"pid": 4242, "secret": "backend's own"}, facts)
+    store.insert_many([lm(state, "vac01-00.example.com", 0, handle=handle)])
+    assert run("ps", "--json", "--state-dir", state) == 0
+    (entry,) = json.loads(capsys.readouterr().out)["lms"]
+    assert entry["engine"] == facts
+    assert run("ps", "--state-dir", state) == 0
+    assert "tcg" not in capsys.readouterr().out  # the table keeps its columns
+
+
 def test_ps_json_document(state: Path, store: Store, capsys: pytest.CaptureFixture[str]) -> None:
     running = lm(state, "vac01-00.example.com", 0)
     ended = finished(state, "vac01-01.example.com", 1)
@@ -257,6 +271,7 @@ def test_ps_json_document(state: Path, store: Store, capsys: pytest.CaptureFixtu
     assert entry["memory_bytes"] is None
     assert entry["memory_peak_bytes"] is None
     assert entry["outcome"] is None
+    assert entry["engine"] == {}
     assert entry["measured"] == {
         "cpu_seconds": False,
         "memory_bytes": False,
