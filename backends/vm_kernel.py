@@ -5,7 +5,8 @@ that decompressor emulated: for Debian's xz-compressed kernel it is ~5 s of a ~1
 by every VM LM. Most distribution kernels (``CONFIG_PVH=y``) are also bootable as the plain ELF
 ``vmlinux`` through the PVH entry point, which QEMU (4.0 and later) starts directly. So the
 backend decompresses each kernel once, on the host (~1 s), keeps the ELF in
-``<state_dir>/vm/kernels/<sha256 of the bzImage>.elf`` and boots that.
+``<state_dir>/vm/kernels/<sha256 of the bzImage>.elf`` and boots that (files unused for 30 days
+are removed).
 
 The ELF is used only when it carries the PVH note (Xen note type 18,
 ``XEN_ELFNOTE_PHYS32_ENTRY``); any other kernel, compression or surprise boots the bzImage as
@@ -16,10 +17,13 @@ little for a short-lived single-tenant guest and is documented (``factory.vm_dir
 from __future__ import annotations
 
 import bz2
+import contextlib
 import hashlib
 import lzma
+import os
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +33,8 @@ from lmrunner.errors import LmrunnerError
 
 #: Xen's PVH entry note: ``n_type`` of a note named "Xen" (xen/include/public/elfnote.h).
 XEN_ELFNOTE_PHYS32_ENTRY = 18
+#: Unpacked kernels no LM of this daemon used for this long are removed (65 MB each for Debian).
+KEEP_UNUSED_SECONDS = 30 * 86400
 #: Largest kernel accepted, compressed and unpacked: a corrupt header must not eat the host.
 MAX_KERNEL_BYTES = 512 * 1024 * 1024
 
@@ -162,12 +168,25 @@ def cached(image: Path, cache_dir: Path) -> Path:
         raise KernelError(f"{image} is larger than {MAX_KERNEL_BYTES >> 20} MiB")
     target = cache_dir / f"{hashlib.sha256(data).hexdigest()}.elf"
     if target.exists():
+        os.utime(target)  # in use: kept by prune()
         return target
     elf = unpack(data)
     cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     # Not durable: a kernel lost in a crash is unpacked again.
     atomic.write_bytes(target, elf, durable=False)
     return target
+
+
+def prune(cache_dir: Path, keep: set[Path], older_than: float) -> list[Path]:
+    """Remove unpacked kernels last used before ``older_than`` (a Unix time) and not in ``keep``
+    (a running VM has its kernel in memory already: removing the file cannot harm it)."""
+    removed = []
+    for path in cache_dir.glob("*.elf"):
+        with contextlib.suppress(FileNotFoundError):
+            if path not in keep and path.stat().st_mtime < older_than:
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 class KernelCache:
@@ -196,4 +215,6 @@ class KernelCache:
                 self._known[key] = err
                 raise
             self._known[key] = found
+            in_use = {path for path in self._known.values() if isinstance(path, Path)}
+            prune(self.cache_dir, in_use, time.time() - KEEP_UNUSED_SECONDS)
             return found

@@ -10,6 +10,7 @@ import bz2
 import gzip
 import hashlib
 import lzma
+import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -117,9 +118,9 @@ def test_the_cache_names_the_elf_by_the_bzimage_and_writes_it_once(tmp_path: Pat
     assert first == cache / f"{hashlib.sha256(image.read_bytes()).hexdigest()}.elf"
     assert first.read_bytes() == PVH_ELF
     assert first.stat().st_mode & 0o777 == 0o644  # QEMU reads it
-    written = first.stat().st_mtime_ns
+    written = first.stat().st_ino
     assert vm_kernel.cached(image, cache) == first
-    assert first.stat().st_mtime_ns == written
+    assert first.stat().st_ino == written  # found, not written again
     assert [p.name for p in cache.iterdir()] == [first.name]  # no temporary left
 
     image.write_bytes(bzimage(bz2.compress(PVH_ELF)))  # a new kernel: a new file
@@ -149,6 +150,30 @@ def test_the_factory_cache_remembers_kernels_by_stat_and_failures_too(
     good.write_bytes(bzimage(bz2.compress(PVH_ELF)))  # replaced in place: read again
     cache.get(good)
     assert calls == [good, bad, good]
+
+
+def test_kernels_unused_for_long_are_pruned_but_not_those_in_use(tmp_path: Path) -> None:
+    cache = tmp_path / "kernels"
+    cache.mkdir()
+    old, recent, kept = (cache / f"{name}.elf" for name in ("old", "recent", "kept"))
+    for path in (old, recent, kept):
+        path.write_bytes(b"elf")
+    os.utime(old, (1000.0, 1000.0))
+    os.utime(kept, (1000.0, 1000.0))
+    other = cache / "notes.txt"
+    other.write_text("not a kernel")
+    os.utime(other, (1000.0, 1000.0))
+    assert vm_kernel.prune(cache, {kept}, older_than=2000.0) == [old]
+    assert sorted(p.name for p in cache.iterdir()) == ["kept.elf", "notes.txt", "recent.elf"]
+
+
+def test_a_hit_marks_the_kernel_as_used(tmp_path: Path) -> None:
+    image = tmp_path / "vmlinuz"
+    image.write_bytes(bzimage(gzip.compress(PVH_ELF)))
+    found = vm_kernel.cached(image, tmp_path / "kernels")
+    os.utime(found, (1000.0, 1000.0))
+    vm_kernel.cached(image, tmp_path / "kernels")
+    assert found.stat().st_mtime > 1000.0
 
 
 def test_a_handle_keeps_its_engine_facts_and_reads_old_handles() -> None:
