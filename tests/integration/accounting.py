@@ -20,14 +20,13 @@ from typing import Any
 import yaml
 
 from lmrunner.accounting import Flag
-from lmrunner.backends import make_backends
 from lmrunner.cgroups import CgroupRef
 from lmrunner.config import Config, load_config
-from lmrunner.factory import Factory, Tuning, host_cgroups
+from lmrunner.factory import Factory, host_cgroups
 from lmrunner.lifecycle import OutcomeSource
 from lmrunner.process import identify
-from lmrunner.state import LmRecord, Store
-from tests.integration.conftest import TIMESCALE, drive
+from lmrunner.state import LmRecord
+from tests.integration.conftest import TIMESCALE, Factories, drive
 
 REPO = Path(__file__).resolve().parents[2]
 VCBUSYBOX = Path(os.environ.get("VCBUSYBOX_OUT", REPO / "build" / "vcbusybox"))
@@ -83,7 +82,7 @@ class Rig:
 
     backend: str
     folder: Path
-    made: list[Factory]
+    factories: Factories
 
     def config(self, script: str, *, mb_per_processor: int = 512) -> Config:
         user_data = self.folder / "user_data"
@@ -112,25 +111,11 @@ class Rig:
         return load_config(path, cpus=1)
 
     def factory(self, config: Config) -> Factory:
-        cgroups = host_cgroups(config.factory)
-        assert cgroups is not None, "this host must give lmrunner cgroups"
-        factory = Factory(
-            config,
-            Store(config.factory.state_dir),
-            make_backends({self.backend}, config.factory, cgroups),
-            tuning=Tuning(reconcile_seconds=5),
-            load_average=lambda: (0.0, 0.0, 0.0),
-            cgroups=cgroups,
-        )
-        factory.adopt()
-        self.made.append(factory)
-        return factory
+        assert host_cgroups(config.factory) is not None, "this host must give lmrunner cgroups"
+        return self.factories.make(config)
 
     def close(self) -> None:
-        for factory in self.made:
-            factory.remove_all()
-            factory.close()
-            factory.store.close()
+        self.factories.close()
 
 
 @contextlib.contextmanager
@@ -139,7 +124,7 @@ def rig(backend: str) -> Iterator[Rig]:
     0700), removed afterwards."""
     root = Path(tempfile.mkdtemp(prefix="lmrunner-accounting-"))
     root.chmod(0o755)
-    made = Rig(backend, root, [])
+    made = Rig(backend, root, Factories(backend))
     try:
         yield made
     finally:

@@ -6,16 +6,26 @@ conftest turns any such skip into a failure. Every test removes what it creates.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from lmrunner.backends import make_backends
 from lmrunner.backends.vm import AccelProbe, probe_accel
+from lmrunner.config import Config
+from lmrunner.factory import Factory, Tuning, host_cgroups
+from lmrunner.lifecycle import LmState
+from lmrunner.state import LmRecord, Store
 
 REPO = Path(__file__).resolve().parents[2]
 VCBUSYBOX_OUT = Path(os.environ.get("VCBUSYBOX_OUT", REPO / "build" / "vcbusybox"))
@@ -156,3 +166,137 @@ def drive(factory: Any, done: Any, timeout: float = 60.0) -> None:
         with contextlib.suppress(queue.Empty):
             factory.events.put(factory.events.get(timeout=min(factory.next_wait(), 0.5)))
     raise AssertionError(f"not done within {timeout * TIMESCALE} s")
+
+
+def first(factory: Factory) -> LmRecord:
+    """The factory's oldest LM."""
+    return sorted(factory.store.recent(), key=lambda r: r.created)[0]
+
+
+def ended(factory: Factory, uuid: str) -> bool:
+    record = factory.store.get(uuid)
+    return record is not None and not record.active
+
+
+class Factories:
+    """The factories one test makes on ``backend``, with the host's cgroups and short timings.
+
+    ``make`` adopts what the state folder's earlier factories left; ``close`` removes every LM
+    (LMs outlive factories by design; tests must not leave them), calls ``after_remove`` on each
+    factory (a backend's own check or safety net), then closes the factories and their stores.
+    """
+
+    def __init__(
+        self,
+        backend: str,
+        after_remove: Callable[[Factory], None] | None = None,
+        **tuning: Any,
+    ) -> None:
+        self.backend = backend
+        self.after_remove = after_remove
+        self.tuning: dict[str, Any] = {"reconcile_seconds": 5, **tuning}
+        self.made: list[Factory] = []
+
+    def make(self, config: Config, **tuning: Any) -> Factory:
+        cgroups = host_cgroups(config.factory)
+        factory = Factory(
+            config,
+            Store(config.factory.state_dir),
+            make_backends({self.backend}, config.factory, cgroups),
+            tuning=Tuning(**{**self.tuning, **tuning}),
+            load_average=lambda: (0.0, 0.0, 0.0),
+            cgroups=cgroups,
+        )
+        factory.adopt()
+        self.made.append(factory)
+        return factory
+
+    def close(self) -> None:
+        for factory in self.made:
+            try:
+                factory.remove_all()
+                if self.after_remove is not None:
+                    self.after_remove(factory)
+            finally:
+                factory.close()
+                factory.store.close()
+
+
+def start_daemon(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
+    """Start ``lmrunner daemon --config config_file``, its stderr appended to ``log``."""
+    with log.open("ab") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "lmrunner", "daemon", "--config", str(config_file)],
+            stderr=err,
+            cwd=REPO,
+        )
+
+
+def wait_running(state: Path, log: Path, timeout: float = 30.0) -> LmRecord:
+    """The first LM that the store in ``state`` shows RUNNING, within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        if (state / "lmrunner.db").exists():
+            store = Store(state, readonly=True)
+            try:
+                running = [r for r in store.active() if r.state is LmState.RUNNING]
+            finally:
+                store.close()
+            if running:
+                return running[0]
+    raise AssertionError(f"no LM running within {timeout} s:\n{log.read_text()}")
+
+
+def wait_ended(store: Store, uuid: str, log: Path, timeout: float = 60.0) -> LmRecord:
+    """The record of LM ``uuid`` once it ended (with an outcome), within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = store.get(uuid)
+        if record is not None and not record.active:
+            break
+        time.sleep(0.2)
+    record = store.get(uuid)
+    assert record is not None and record.outcome is not None, log.read_text()
+    return record
+
+
+#: A payload that lets a test kill its daemon, then ends with a 200 outcome.
+SLEEP_THEN_200 = (
+    "#!/bin/sh\nsleep 6\necho '200 Intended work completed ok' > $JOBOUTPUTS/shutdown_message\n"
+)
+
+
+@contextlib.contextmanager
+def daemon_killed_and_restarted(
+    config_file: Path, state: Path, log: Path
+) -> Iterator[tuple[LmRecord, LmRecord]]:
+    """Run a daemon until one LM of ``config_file`` (a ``SLEEP_THEN_200`` payload) runs, kill
+    the daemon with SIGKILL and start a second one, which must finish that LM: its 200 outcome,
+    and a single record of it (adopted, not started again).
+
+    Yields the LM's record as the first daemon left it and as the second one ended it. At exit
+    the second daemon is stopped with SIGTERM; after a body without error, the daemons' log
+    must hold no traceback.
+    """
+    killed = start_daemon(config_file, log)
+    try:
+        running = wait_running(state, log)
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+    second = start_daemon(config_file, log)
+    try:
+        store = Store(state, readonly=True)
+        try:
+            record = wait_ended(store, running.uuid, log)
+            assert record.outcome is not None
+            assert record.outcome.message == "200 Intended work completed ok"
+            assert [r.uuid for r in store.recent()].count(running.uuid) == 1
+        finally:
+            store.close()
+        yield running, record
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=30)
+    assert "Traceback" not in log.read_text()

@@ -13,9 +13,7 @@ import contextlib
 import os
 import pwd
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid as uuid_mod
@@ -27,16 +25,22 @@ from typing import Any
 import pytest
 import yaml
 
-from lmrunner.backends import make_backends
 from lmrunner.backends.apptainer import PLACEMENT, ApptainerBackend
 from lmrunner.backends.base import LABEL_FACTORY, LABEL_NAME, LABEL_UUID, MachineSpec
 from lmrunner.cgroups import CgroupController, CgroupRef
 from lmrunner.config import Config, FactoryConfig, load_config
-from lmrunner.factory import Factory, Tuning, host_cgroups
+from lmrunner.factory import Factory, host_cgroups
 from lmrunner.lifecycle import LmState, OutcomeSource
 from lmrunner.model import Limits, Mount
 from lmrunner.state import LmRecord, Store
-from tests.integration.conftest import REPO, drive
+from tests.integration.conftest import (
+    SLEEP_THEN_200,
+    Factories,
+    daemon_killed_and_restarted,
+    drive,
+    ended,
+    first,
+)
 
 pytestmark = [pytest.mark.apptainer, pytest.mark.slow]
 
@@ -131,36 +135,10 @@ def leftovers(parent: str) -> list[Path]:
 
 @pytest.fixture
 def factory_of(site: Site) -> Iterator[Callable[..., Factory]]:
-    made: list[Factory] = []
-
-    def make(config: Config, **tuning: Any) -> Factory:
-        cgroups = host_cgroups(config.factory)
-        factory = Factory(
-            config,
-            Store(config.factory.state_dir),
-            make_backends({"apptainer"}, config.factory, cgroups),
-            cgroups=cgroups,
-            tuning=Tuning(reconcile_seconds=5, **tuning),
-            load_average=lambda: (0.0, 0.0, 0.0),
-        )
-        factory.adopt()
-        made.append(factory)
-        return factory
-
-    yield make
-    for factory in made:
-        factory.remove_all()  # LMs outlive factories by design; tests must not leave them
-        factory.close()
-        factory.store.close()
-
-
-def first(factory: Factory) -> LmRecord:
-    return sorted(factory.store.recent(), key=lambda r: r.created)[0]
-
-
-def ended(factory: Factory, uuid: str) -> bool:
-    record = factory.store.get(uuid)
-    return record is not None and not record.active
+    """``factory_of(config, **tuning)``: a factory tuned ``reconcile_seconds=5, **tuning``."""
+    factories = Factories("apptainer")
+    yield factories.make
+    factories.close()
 
 
 def processes_with(text: str) -> list[int]:
@@ -375,53 +353,11 @@ def test_closed_daemon_lm_is_adopted_not_restarted(
 
 
 def test_daemon_killed_with_sigkill_adopts_its_lm(site: Site) -> None:
-    script = (
-        "#!/bin/sh\nsleep 6\necho '200 Intended work completed ok' > $JOBOUTPUTS/shutdown_message\n"
-    )
-    config = site.config(script)
-    state = config.factory.state_dir
-    config_file = site.root / "lmrunner.yaml"
+    state = site.config(SLEEP_THEN_200).factory.state_dir
     log = site.root / "daemon.log"
-
-    def daemon() -> subprocess.Popen[bytes]:
-        with log.open("ab") as err:
-            return subprocess.Popen(
-                [sys.executable, "-m", "lmrunner", "daemon", "--config", str(config_file)],
-                stderr=err,
-                cwd=REPO,
-            )
-
-    first_daemon = daemon()
-    deadline = time.monotonic() + 30
-    running: list[LmRecord] = []
-    while time.monotonic() < deadline and not running:
-        time.sleep(0.2)
-        if (state / "lmrunner.db").exists():
-            running = [
-                r for r in Store(state, readonly=True).active() if r.state is LmState.RUNNING
-            ]
-    assert running, log.read_text()
-    pid = running[0].handle.data["pid"] if running[0].handle else None
-    first_daemon.send_signal(signal.SIGKILL)
-    first_daemon.wait()
-    second = daemon()
-    try:
-        store = Store(state, readonly=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            record = store.get(running[0].uuid)
-            if record is not None and not record.active:
-                break
-            time.sleep(0.2)
-        record = store.get(running[0].uuid)
-        assert record is not None and record.outcome is not None, log.read_text()
-        assert record.outcome.message == "200 Intended work completed ok"
-        assert record.handle is not None and record.handle.data["pid"] == pid  # adopted
-        assert [r.uuid for r in store.recent()].count(running[0].uuid) == 1
-    finally:
-        second.send_signal(signal.SIGTERM)
-        second.wait(timeout=30)
-    assert "Traceback" not in log.read_text()
+    with daemon_killed_and_restarted(site.root / "lmrunner.yaml", state, log) as (running, done):
+        pid = running.handle.data["pid"] if running.handle else None
+        assert done.handle is not None and done.handle.data["pid"] == pid  # adopted
 
 
 def test_orphan_processes_are_found_by_label_and_removed_others_left_alone(

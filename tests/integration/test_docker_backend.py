@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,12 +16,19 @@ from typing import Any
 import pytest
 import yaml
 
-from lmrunner.backends import make_backends
 from lmrunner.config import Config, load_config
-from lmrunner.factory import Factory, Tuning, host_cgroups
+from lmrunner.factory import Factory
 from lmrunner.lifecycle import LmState, OutcomeSource
-from lmrunner.state import LmRecord, Store
-from tests.integration.conftest import REPO, drive
+from lmrunner.state import Store
+from tests.integration.conftest import (
+    REPO,
+    SLEEP_THEN_200,
+    Factories,
+    daemon_killed_and_restarted,
+    drive,
+    ended,
+    first,
+)
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -51,43 +57,22 @@ def make_config(tmp_path: Path, script: str, **options: Any) -> Path:
     return path
 
 
+def remove_containers(docker_client: Any, factory_id: str) -> None:
+    """Remove every container labelled with ``factory_id``, on the given connection."""
+    label = f"org.lmrunner.factory={factory_id}"
+    for container in docker_client.containers.list(all=True, filters={"label": label}):
+        container.remove(force=True)
+
+
 @pytest.fixture
 def factory_of(docker_client: Any, vcbusybox: Path) -> Iterator[Callable[[Config], Factory]]:
-    made: list[Factory] = []
-
-    def make(config: Config) -> Factory:
-        store = Store(config.factory.state_dir)
-        cgroups = host_cgroups(config.factory)
-        factory = Factory(
-            config,
-            store,
-            make_backends({"docker"}, config.factory, cgroups),
-            tuning=Tuning(reconcile_seconds=5),
-            load_average=lambda: (0.0, 0.0, 0.0),
-            cgroups=cgroups,
-        )
-        factory.adopt()
-        made.append(factory)
-        return factory
-
-    yield make
-    for factory in made:
-        factory.remove_all()  # LMs outlive factories by design; tests must not leave them
-        # A safety net on a fresh connection (the factory's may have died with dockerd).
-        label = f"org.lmrunner.factory={factory.store.factory_id}"
-        for container in docker_client.containers.list(all=True, filters={"label": label}):
-            container.remove(force=True)
-        factory.close()
-        factory.store.close()
-
-
-def first(factory: Factory) -> LmRecord:
-    return sorted(factory.store.recent(), key=lambda r: r.created)[0]
-
-
-def ended(factory: Factory, uuid: str) -> bool:
-    record = factory.store.get(uuid)
-    return record is not None and not record.active
+    # After remove_all, a safety net on a fresh connection (the factory's may have died with
+    # dockerd).
+    factories = Factories(
+        "docker", after_remove=lambda f: remove_containers(docker_client, f.store.factory_id)
+    )
+    yield factories.make
+    factories.close()
 
 
 def test_memory_hog_is_oom_killed_and_recorded_as_oom(
@@ -137,61 +122,21 @@ def test_two_busy_loops_in_a_one_processor_lm_use_one_cpu(
 def test_daemon_killed_with_sigkill_adopts_its_container(
     tmp_path: Path, docker_client: Any, vcbusybox: Path
 ) -> None:
-    script = (
-        "#!/bin/sh\nsleep 6\necho '200 Intended work completed ok' > $JOBOUTPUTS/shutdown_message\n"
-    )
-    config = make_config(tmp_path, script)
+    config = make_config(tmp_path, SLEEP_THEN_200)
     log = tmp_path / "daemon.log"
     state = tmp_path / "state"
-
-    def daemon() -> subprocess.Popen[bytes]:
-        with log.open("ab") as err:
-            return subprocess.Popen(
-                [sys.executable, "-m", "lmrunner", "daemon", "--config", str(config)], stderr=err
-            )
-
-    first_daemon = daemon()
-    deadline = time.monotonic() + 30
-    running: list[LmRecord] = []
-    while time.monotonic() < deadline and not running:
-        time.sleep(0.2)
-        if (state / "lmrunner.db").exists():
-            running = [
-                r for r in Store(state, readonly=True).active() if r.state is LmState.RUNNING
-            ]
-    assert running, log.read_text()
-    container_id = running[0].handle.data["id"] if running[0].handle else None
-    first_daemon.send_signal(signal.SIGKILL)
-    first_daemon.wait()
-    second = daemon()
     try:
-        deadline = time.monotonic() + 60
-        store = Store(state, readonly=True)
-        while time.monotonic() < deadline:
-            record = store.get(running[0].uuid)
-            if record is not None and not record.active:
-                break
-            time.sleep(0.2)
-        record = store.get(running[0].uuid)
-        assert record is not None and record.outcome is not None, log.read_text()
-        assert record.outcome.message == "200 Intended work completed ok"
-        assert record.handle is not None and record.handle.data["id"] == container_id  # adopted
-        # Exactly one record for that LM, and its container is gone.
-        assert [r.uuid for r in store.recent()].count(running[0].uuid) == 1
-        # The daemon records the end first, then removes the container: give it a moment.
-        deadline = time.monotonic() + 15
-        while docker_client.containers.list(all=True, filters={"id": container_id}):
-            assert time.monotonic() < deadline, "the finished LM's container was not removed"
-            time.sleep(0.2)
+        with daemon_killed_and_restarted(config, state, log) as (running, done):
+            container_id = running.handle.data["id"] if running.handle else None
+            assert done.handle is not None and done.handle.data["id"] == container_id  # adopted
+            # The daemon records the end first, then removes the container: give it a moment.
+            deadline = time.monotonic() + 15
+            while docker_client.containers.list(all=True, filters={"id": container_id}):
+                assert time.monotonic() < deadline, "the finished LM's container was not removed"
+                time.sleep(0.2)
     finally:
-        second.send_signal(signal.SIGTERM)
-        second.wait(timeout=30)
         # The second daemon went on starting LMs, which outlive it by design: remove them.
-        factory_id = Store(state, readonly=True).factory_id
-        label = f"org.lmrunner.factory={factory_id}"
-        for container in docker_client.containers.list(all=True, filters={"label": label}):
-            container.remove(force=True)
-    assert "Traceback" not in log.read_text()
+        remove_containers(docker_client, Store(state, readonly=True).factory_id)
 
 
 def test_dockerd_restart_ends_lms_with_a_site_outcome_and_the_factory_carries_on(

@@ -20,12 +20,12 @@ import pytest
 import yaml
 
 from lmrunner import runner
-from lmrunner.backends import make_backends, vm
+from lmrunner.backends import vm
 from lmrunner.config import Config, load_config
-from lmrunner.factory import Factory, Tuning, host_cgroups
+from lmrunner.factory import Factory
 from lmrunner.lifecycle import LmState, OutcomeSource
-from lmrunner.state import LmRecord, Store
-from tests.integration.conftest import REPO, drive
+from lmrunner.state import LmRecord
+from tests.integration.conftest import REPO, Factories, drive
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -68,31 +68,16 @@ def make_config(
 def factory_of(
     qemu: str, vm_artefacts: tuple[Path, Path], sc_user: str
 ) -> Iterator[Callable[[Config], Factory]]:
-    made: list[Factory] = []
+    factories = Factories("vm", after_remove=no_qemu_left, idle_wait_seconds=0.5)
+    yield factories.make
+    factories.close()
 
-    def make(config: Config) -> Factory:
-        store = Store(config.factory.state_dir)
-        cgroups = host_cgroups(config.factory)
-        factory = Factory(
-            config,
-            store,
-            make_backends({"vm"}, config.factory, cgroups),
-            tuning=Tuning(reconcile_seconds=5, idle_wait_seconds=0.5),
-            load_average=lambda: (0.0, 0.0, 0.0),
-            cgroups=cgroups,
-        )
-        factory.adopt()
-        made.append(factory)
-        return factory
 
-    yield make
-    for factory in made:
-        factory.remove_all()  # LMs outlive factories by design; tests must not leave them
-        for lm in factory.store.recent():  # and no QEMU of this test may survive it
-            if lm.handle is not None and lm.handle.data.get("pid"):
-                assert not running(lm), f"QEMU of {lm.name} left running"
-        factory.close()
-        factory.store.close()
+def no_qemu_left(factory: Factory) -> None:
+    """No QEMU of the factory's LMs may survive the test (checked after remove_all)."""
+    for lm in factory.store.recent():
+        if lm.handle is not None and lm.handle.data.get("pid"):
+            assert not running(lm), f"QEMU of {lm.name} left running"
 
 
 def start_one(factory: Factory) -> LmRecord:
