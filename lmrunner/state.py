@@ -321,7 +321,8 @@ class Store:
         columns = (
             "uuid, name, machinetype, backend, slot, state, processors, created, started, "
             "finished, "
-            "shutdown_time, cpu_seconds, memory_peak_bytes, outcome, cgroup, handle"
+            "shutdown_time, cpu_seconds, memory_peak_bytes, outcome, cgroup, "
+            "json_extract(handle, '$.engine') AS engine"  # not the whole handle: ps never needs it
         )
         marks = ", ".join("?" for _ in ACTIVE)
         states = tuple(s.value for s in ACTIVE)

@@ -80,8 +80,8 @@ def _outcome(row: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _engine(row: dict[str, Any]) -> dict[str, str]:
-    value = row.get("handle")
-    return {} if value is None else dict(json.loads(value).get("engine") or {})
+    value = row["engine"]  # the handle's "engine" object, as JSON text (Store.listing)
+    return {} if value is None else dict(json.loads(value))
 
 
 def to_json(row: dict[str, Any]) -> dict[str, Any]:
