@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -101,19 +102,21 @@ def sc_user() -> str:
 
 
 @pytest.fixture
-def lm_dir(tmp_path: Path) -> Path:
-    """A per-LM directory with the folders lmrunner binds into an LM."""
-    root = tmp_path / f"lm-{uuid.uuid4().hex[:8]}"
+def lm_dir() -> Iterator[Path]:
+    """A per-LM directory with the folders lmrunner binds into an LM.
+
+    It lives in its own 0755 folder outside pytest's tree: pytest keeps that tree root-only
+    (0700, reset by every new session), and LMs run by unprivileged accounts must reach it.
+    """
+    top = Path(tempfile.mkdtemp(prefix="lmrunner-lm-"))
+    top.chmod(0o755)
+    root = top / f"lm-{uuid.uuid4().hex[:8]}"
     for sub in ("machinefeatures", "jobfeatures", "joboutputs", "mnt"):
         (root / sub).mkdir(parents=True)
     (root / "machinefeatures" / "total_cpu").write_text("1")
     (root / "jobfeatures" / "allocated_cpu").write_text("1\n")
-    # tmp_path's parents are root-only (0700); LMs run by unprivileged accounts must reach it.
-    for parent in [root, *root.parents]:
-        if parent == Path(tmp_path.anchor) or parent == Path("/tmp"):
-            break
-        parent.chmod(parent.stat().st_mode | 0o755)
-    return root
+    yield root
+    shutil.rmtree(top, ignore_errors=True)
 
 
 def write_user_data(lm_dir: Path, script: str) -> Path:
