@@ -111,6 +111,7 @@ RECORD, EXIT, SHUTDOWN = "lm.json", "exit.json", "shutdown.json"
 QMP_SOCKET, EVENTS_SOCKET = "qmp.sock", "events.sock"
 DRIVE, OVERLAY, SCRATCH = "config.iso", "overlay.qcow2", "scratch.qcow2"
 KERNELS = "kernels"  # <state_dir>/vm/kernels: unpacked kernels (vm_kernel), shared by all LMs
+PVH_QEMU = (4, 0)  # the first QEMU that boots an ELF kernel through its PVH entry
 BOOT_UNPACKED = "kernel-pvh"  # how an LM booted (ImageKind, or this: the unpacked ELF kernel)
 CONSOLE_LOG, QEMU_LOG = "console.log", "qemu.log"
 
@@ -624,7 +625,7 @@ class VmBackend:
             if scratch:
                 self._qemu_img("create", "-q", "-f", "qcow2", vm_dir / SCRATCH,
                                str(spec.limits.disk_bytes))  # fmt: skip
-            kernel = self._direct_kernel(boot, accel)
+            kernel = self._direct_kernel(boot, accel, _version_tuple(version))
             if kernel is not None:
                 record["boot"] = BOOT_UNPACKED
             launch = Launch(qemu, _version_tuple(version), accel, vm_dir, runas, scratch, kernel)
@@ -821,10 +822,10 @@ class VmBackend:
             self._version = (found, match.group(1) if match else done.stdout.strip()[:40])
         return self._version
 
-    def _direct_kernel(self, boot: Plan, accel: Accel) -> Path | None:
+    def _direct_kernel(self, boot: Plan, accel: Accel, qemu: tuple[int, int]) -> Path | None:
         """The unpacked ELF to boot instead of a bzImage (:mod:`vm_kernel`), or None."""
         choice = self.factory.vm_direct_kernel
-        if boot.kind is not ImageKind.KERNEL or choice == "never":
+        if boot.kind is not ImageKind.KERNEL or choice == "never" or qemu < PVH_QEMU:
             return None
         if choice == "auto" and accel is not Accel.TCG:  # KVM decompresses in ~0.2 s: keep KASLR
             return None

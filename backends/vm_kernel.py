@@ -27,6 +27,7 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from lmrunner import atomic
 from lmrunner.errors import LmrunnerError
@@ -35,43 +36,44 @@ from lmrunner.errors import LmrunnerError
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 #: Unpacked kernels no LM of this daemon used for this long are removed (65 MB each for Debian).
 KEEP_UNUSED_SECONDS = 30 * 86400
-#: Largest kernel accepted, compressed and unpacked: a corrupt header must not eat the host.
+#: Largest bzImage read, and largest kernel unpacked: a corrupt file must not eat the host.
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_KERNEL_BYTES = 512 * 1024 * 1024
+#: Part of every cached file's name: a changed unpacker never trusts an older one's files.
+FORMAT = "v1"
+#: How long an unpack that failed for an OSError (disk full, permissions) is not retried.
+RETRY_SECONDS = 600.0
 
 
 class KernelError(LmrunnerError):
     """A bzImage's kernel cannot be booted directly (the reason says why; the bzImage is used)."""
 
 
-def _xz(data: bytes) -> bytes:
-    return lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=MAX_KERNEL_BYTES).decompress(
-        data, MAX_KERNEL_BYTES
-    )
+class _Decompressor(Protocol):
+    @property
+    def eof(self) -> bool: ...
+
+    def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...
 
 
-def _lzma(data: bytes) -> bytes:
-    return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE, memlimit=MAX_KERNEL_BYTES).decompress(
-        data, MAX_KERNEL_BYTES
-    )
+class _Whole:
+    """An uncompressed payload: the ELF as it is."""
 
+    eof = True
 
-def _bzip2(data: bytes) -> bytes:
-    return bz2.BZ2Decompressor().decompress(data, MAX_KERNEL_BYTES)
-
-
-def _gzip(data: bytes) -> bytes:
-    # A gzip member; whatever follows its end (the kernel's size) is ignored.
-    return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data, MAX_KERNEL_BYTES)
+    def decompress(self, data: bytes, max_length: int = -1) -> bytes:
+        return data
 
 
 #: Compressions Python reads natively, by the payload's magic bytes. zstd and lz4 kernels
-#: (Fedora, some Ubuntu) have no reader in the standard library: they boot as bzImages.
-DECOMPRESSORS: tuple[tuple[bytes, str, Callable[[bytes], bytes]], ...] = (
-    (b"\xfd7zXZ\x00", "xz", _xz),
-    (b"\x1f\x8b", "gzip", _gzip),
-    (b"BZh", "bzip2", _bzip2),
-    (b"\x5d\x00\x00", "lzma", _lzma),
-    (b"\x7fELF", "none", lambda data: data),
+#: (Fedora, recent Ubuntu) have no reader in the standard library: they boot as bzImages.
+DECOMPRESSORS: tuple[tuple[bytes, str, Callable[[], _Decompressor]], ...] = (
+    (b"\xfd7zXZ\x00", "xz", lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ, MAX_KERNEL_BYTES)),
+    # A gzip member; what follows its end (the kernel's size) is left unused.
+    (b"\x1f\x8b", "gzip", lambda: zlib.decompressobj(16 + zlib.MAX_WBITS)),
+    (b"BZh", "bzip2", bz2.BZ2Decompressor),
+    (b"\x5d\x00\x00", "lzma", lambda: lzma.LZMADecompressor(lzma.FORMAT_ALONE, MAX_KERNEL_BYTES)),
+    (b"\x7fELF", "none", _Whole),
 )
 
 
@@ -104,6 +106,8 @@ def payload(image: bytes) -> tuple[str, bytes]:
 def has_pvh_entry(elf: bytes) -> bool:
     """Whether a 64-bit little-endian ELF has Xen's PVH entry note (QEMU boots it directly)."""
     if len(elf) < 64 or elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        return False  # not ELF, not 64-bit or not little-endian
+    if struct.unpack_from("<H", elf, 0x12)[0] != 62:  # e_machine: EM_X86_64
         return False
     (phoff,) = struct.unpack_from("<Q", elf, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
@@ -116,74 +120,86 @@ def has_pvh_entry(elf: bytes) -> bool:
             continue
         (p_offset,) = struct.unpack_from("<Q", elf, header + 8)
         (p_filesz,) = struct.unpack_from("<Q", elf, header + 32)
-        if _notes_have_pvh(elf, p_offset, min(p_offset + p_filesz, len(elf))):
+        (p_align,) = struct.unpack_from("<Q", elf, header + 48)
+        align = 8 if p_align == 8 else 4  # gABI: 4-byte notes, or 8 in an 8-aligned segment
+        if _notes_have_pvh(elf, p_offset, min(p_offset + p_filesz, len(elf)), align):
             return True
     return False
 
 
-def _notes_have_pvh(elf: bytes, position: int, end: int) -> bool:
+def _notes_have_pvh(elf: bytes, position: int, end: int, align: int) -> bool:
     while position + 12 <= end:
         namesz, descsz, n_type = struct.unpack_from("<III", elf, position)
         name_at = position + 12
         name = elf[name_at : name_at + namesz].rstrip(b"\x00")
         if name == b"Xen" and n_type == XEN_ELFNOTE_PHYS32_ENTRY:
             return True
-        position = name_at + _align4(namesz) + _align4(descsz)
+        position = name_at + _aligned(namesz, align) + _aligned(descsz, align)
     return False
 
 
-def _align4(size: int) -> int:
-    return (size + 3) & ~3
+def _aligned(size: int, align: int) -> int:
+    return (size + align - 1) & ~(align - 1)
 
 
 def unpack(image: bytes) -> bytes:
     """The PVH-bootable ELF kernel inside a bzImage.
 
     Raises:
-        KernelError: no payload, an unreadable compression, or an ELF without the PVH note.
+        KernelError: no payload, a stream that does not decompress or ends early, or an ELF
+            without the PVH note.
     """
     name, data = payload(image)
-    decompress = next(function for magic, n, function in DECOMPRESSORS if n == name)
+    decompressor = next(make() for _magic, n, make in DECOMPRESSORS if n == name)
     try:
-        elf = decompress(data)
+        elf = decompressor.decompress(data, MAX_KERNEL_BYTES)
     except (lzma.LZMAError, zlib.error, OSError, ValueError, EOFError) as err:
         raise KernelError(f"the {name} payload does not decompress: {err}") from err
     if len(elf) >= MAX_KERNEL_BYTES:
         raise KernelError(f"the unpacked kernel exceeds {MAX_KERNEL_BYTES >> 20} MiB")
+    if not decompressor.eof:  # a cut stream decompresses without error, into a partial kernel
+        raise KernelError(f"the {name} payload ends before its stream does")
     if not has_pvh_entry(elf):
         raise KernelError("the kernel has no PVH entry point (built without CONFIG_PVH)")
     return elf
 
 
 def cached(image: Path, cache_dir: Path) -> Path:
-    """The unpacked kernel of ``image``, from ``cache_dir`` (written there, atomically, the first
-    time). The file is named by the bzImage's SHA-256, so a replaced kernel gets a new one.
+    """The unpacked kernel of ``image``, from ``cache_dir`` (written there, atomically and
+    durably, the first time). The file is named by the bzImage's SHA-256 and this module's
+    format, so a replaced kernel or a changed unpacker gets a new one; a file found there is
+    checked (an ELF with the PVH note) before it is trusted.
 
     Raises:
         KernelError: the kernel cannot be booted directly (the caller boots the bzImage).
         OSError: ``image`` or the cache cannot be read or written.
     """
+    if image.stat().st_size > MAX_IMAGE_BYTES:
+        raise KernelError(f"{image} is larger than {MAX_IMAGE_BYTES >> 20} MiB")
     data = image.read_bytes()
-    if len(data) > MAX_KERNEL_BYTES:
-        raise KernelError(f"{image} is larger than {MAX_KERNEL_BYTES >> 20} MiB")
-    target = cache_dir / f"{hashlib.sha256(data).hexdigest()}.elf"
-    if target.exists():
-        os.utime(target)  # in use: kept by prune()
-        return target
+    target = cache_dir / f"{hashlib.sha256(data).hexdigest()}.{FORMAT}.elf"
+    with contextlib.suppress(FileNotFoundError):
+        if has_pvh_entry(target.read_bytes()):
+            os.utime(target)  # in use: kept by prune()
+            return target
     elf = unpack(data)
     cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # Not durable: a kernel lost in a crash is unpacked again.
-    atomic.write_bytes(target, elf, durable=False)
+    # Durable: a torn file must never be what a later daemon finds (it is checked, too).
+    atomic.write_bytes(target, elf)
     return target
 
 
 def prune(cache_dir: Path, keep: set[Path], older_than: float) -> list[Path]:
     """Remove unpacked kernels last used before ``older_than`` (a Unix time) and not in ``keep``
-    (a running VM has its kernel in memory already: removing the file cannot harm it)."""
+    (a running VM has its kernel in memory already: removing the file cannot harm it), and
+    temporary files an unpack killed midway left (``atomic``'s ``.NAME.XXXX``) after an hour."""
     removed = []
-    for path in cache_dir.glob("*.elf"):
+    abandoned = time.time() - 3600
+    candidates = [(p, older_than) for p in cache_dir.glob("*.elf")]
+    candidates += [(p, abandoned) for p in cache_dir.glob(".*.elf.*")]
+    for path, before in candidates:
         with contextlib.suppress(FileNotFoundError):
-            if path not in keep and path.stat().st_mtime < older_than:
+            if path not in keep and path.stat().st_mtime < before:
                 path.unlink()
                 removed.append(path)
     return removed
@@ -192,29 +208,58 @@ def prune(cache_dir: Path, keep: set[Path], older_than: float) -> list[Path]:
 class KernelCache:
     """:func:`cached` for one factory, remembering each bzImage by its stat, so that LM starts
     after the first neither read and hash it (~40 ms for 8 MB) nor retry a kernel that cannot
-    be unpacked (~1 s)."""
+    be unpacked (~1 s): a KernelError is remembered while the file is unchanged; an OSError
+    (disk full, permissions) becomes a KernelError retried after ``RETRY_SECONDS``."""
+
+    #: Files remembered at most (a bzImage replaced again and again must not grow the memo).
+    LIMIT = 64
 
     def __init__(self, cache_dir: Path) -> None:
         self.cache_dir = cache_dir
         self._lock = threading.Lock()
-        self._known: dict[tuple[str, int, int, int, int], Path | KernelError] = {}
+        # stat of the bzImage -> (the unpacked kernel or why not, until when the answer holds)
+        self._known: dict[tuple[str, int, int, int, int], tuple[Path | KernelError, float]] = {}
 
     def get(self, image: Path) -> Path:
-        """As :func:`cached` (same errors; a KernelError is raised again for the same file)."""
-        info = image.stat()
+        """As :func:`cached`, but every failure is a KernelError (raised again while known).
+
+        Raises:
+            KernelError: the kernel cannot be booted directly now (the caller boots the bzImage).
+        """
+        try:
+            info = image.stat()
+        except OSError as err:
+            raise KernelError(f"cannot read {image}: {err.strerror}") from err
         key = (str(image), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        now = time.time()
         with self._lock:
-            known = self._known.get(key)
-            if isinstance(known, KernelError):
-                raise known
-            if known is not None and known.exists():
-                return known
+            answer, until = self._known.get(key, (None, 0.0))
+            if isinstance(answer, KernelError) and now < until:
+                raise answer
+            if isinstance(answer, Path) and answer.exists():
+                if now >= until:  # in use for a day more: prune() must keep it
+                    with contextlib.suppress(OSError):
+                        os.utime(answer)
+                    self._remember(key, answer, now + 86400)
+                return answer
             try:
                 found = cached(image, self.cache_dir)
             except KernelError as err:
-                self._known[key] = err
+                self._remember(key, err, float("inf"))
                 raise
-            self._known[key] = found
-            in_use = {path for path in self._known.values() if isinstance(path, Path)}
-            prune(self.cache_dir, in_use, time.time() - KEEP_UNUSED_SECONDS)
+            except OSError as err:
+                failed = KernelError(f"cannot unpack {image} into {self.cache_dir}: {err}")
+                self._remember(key, failed, now + RETRY_SECONDS)
+                raise failed from err
+            self._remember(key, found, now + 86400)
+            in_use = {path for path, _ in self._known.values() if isinstance(path, Path)}
+            with contextlib.suppress(OSError):
+                prune(self.cache_dir, in_use, now - KEEP_UNUSED_SECONDS)
             return found
+
+    def _remember(
+        self, key: tuple[str, int, int, int, int], answer: Path | KernelError, until: float
+    ) -> None:
+        if len(self._known) >= self.LIMIT:
+            self._known.clear()
+        self._known[key] = (answer, until)

@@ -84,8 +84,13 @@ def raw_run(folder: Path, kernel: Path = KERNEL) -> float:
 def raw_unpacked(folder: Path) -> float:
     """The bare QEMU booting the kernel lmrunner boots (``vm_direct_kernel``: the bzImage's
     unpacked ELF): the same guest work, so the ratio against it is lmrunner's own cost (its
-    devices, QMP, cgroup, the pass) without the decompression lmrunner saves."""
-    return raw_run(folder, vm_kernel.cached(KERNEL, folder.parent / "kernels"))
+    devices, QMP, cgroup, the pass) without the decompression lmrunner saves. A kernel lmrunner
+    cannot unpack is booted as given, as lmrunner then does too."""
+    try:
+        kernel = vm_kernel.cached(KERNEL, folder.parent / "kernels")
+    except vm_kernel.KernelError:
+        kernel = KERNEL
+    return raw_run(folder, kernel)
 
 
 EXTRA_RAW = {"raw_unpacked": raw_unpacked}

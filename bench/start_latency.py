@@ -109,6 +109,7 @@ def main() -> None:
         first = {
             "raw": engine.raw_run(folder / "warmup"),
             "lmrunner": lmrunner_run(factory, engine.first_seen),
+            **{name: run(folder / f"{name}-warmup") for name, run in extras.items()},
         }
         raw, ours = [], []
         more: dict[str, list[float]] = {name: [] for name in extras}

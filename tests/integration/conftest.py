@@ -215,14 +215,14 @@ class Factories:
         return factory
 
     def close(self) -> None:
-        for factory in self.made:
-            try:
-                factory.remove_all()
+        """Clean every factory, even when cleaning one fails; the first failure is raised."""
+        with contextlib.ExitStack() as stack:
+            for factory in self.made:
+                stack.callback(factory.store.close)
+                stack.callback(factory.close)
                 if self.after_remove is not None:
-                    self.after_remove(factory)
-            finally:
-                factory.close()
-                factory.store.close()
+                    stack.callback(self.after_remove, factory)
+                stack.callback(factory.remove_all)
 
 
 def start_daemon(config_file: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -301,5 +301,10 @@ def daemon_killed_and_restarted(
         yield running, record
     finally:
         second.send_signal(signal.SIGTERM)
-        second.wait(timeout=30)
+        try:
+            second.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            second.kill()  # it must not outlive the test
+            second.wait()
+            raise
     assert "Traceback" not in log.read_text()

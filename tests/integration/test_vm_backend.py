@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pwd
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -125,8 +126,8 @@ def test_user_data_output_and_shutdown_message_reach_the_host(
     # Under TCG the Debian kernel boots unpacked, through its PVH entry (vm_direct_kernel auto).
     expected_boot = vm.BOOT_UNPACKED if lm.handle.data["accel"] == "tcg" else "kernel"
     assert lm.handle.engine["boot"] == expected_boot
-    ps = runner.run([REPO / ".venv" / "bin" / "lmrunner", "ps", "--json", "--state-dir",
-                     factory.config.factory.state_dir])  # fmt: skip
+    ps = runner.run([sys.executable, "-m", "lmrunner", "ps", "--json", "--state-dir",
+                     factory.config.factory.state_dir], cwd=REPO)  # fmt: skip
     (entry,) = json.loads(ps.stdout)["lms"]
     assert entry["engine"]["accel"] == lm.handle.data["accel"]
     assert entry["engine"]["boot"] == expected_boot

@@ -24,14 +24,14 @@ from typing import Any, cast
 import pytest
 
 from lmrunner import process, runner
-from lmrunner.backends import vm, vm_drive
+from lmrunner.backends import vm, vm_drive, vm_kernel
 from lmrunner.backends.base import Backend, EngineState, Handle, Health, LmCgroup, MachineSpec
 from lmrunner.cgroups.base import CgroupRef
 from lmrunner.config import FactoryConfig
 from lmrunner.errors import BackendError, CommandError, MachineNotFound, SpecError, StartError
 from lmrunner.model import MIB, Limits, Mount
 from lmrunner.process import ExitStatus, ProcessId
-from tests.unit.backends.test_vm_kernel import PVH_ELF, bzimage
+from tests.unit.backends.kernels import PVH_ELF, bzimage
 
 UUID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 GREETING = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 22}}, "capabilities": []}}
@@ -501,24 +501,33 @@ def test_kernels_boot_unpacked_under_tcg_unless_told_otherwise(
         booted = option_after(fake(backend).spawned[0]["argv"], "-kernel")
     finally:
         backend.close()
-    elf = backend.root / vm.KERNELS / f"{hashlib.sha256(kernel.read_bytes()).hexdigest()}.elf"
+    digest = hashlib.sha256(kernel.read_bytes()).hexdigest()
+    elf = backend.root / vm.KERNELS / f"{digest}.{vm_kernel.FORMAT}.elf"
     assert booted == [str(elf if unpacked else kernel)]
     assert handle.engine == {"accel": accel, "pid": "4242",
                              "boot": vm.BOOT_UNPACKED if unpacked else "kernel"}  # fmt: skip
     assert elf.exists() == unpacked
 
 
-def test_a_kernel_without_pvh_boots_as_given_and_is_told_once(
+def test_a_kernel_that_cannot_be_unpacked_boots_as_given_and_is_told_once(
     backend: vm.VmBackend, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    made = files(tmp_path)  # a header without a payload
+    made = files(tmp_path)  # a header too old to have payload fields
     spec = make_spec(tmp_path, made["vmlinuz"], vm_initrd=str(made["initrd"]))
     plan = vm.plan(spec)
     with caplog.at_level("INFO", logger="lmrunner.backends.vm"):
-        assert backend._direct_kernel(plan, vm.Accel.TCG) is None
-        assert backend._direct_kernel(plan, vm.Accel.TCG) is None
+        assert backend._direct_kernel(plan, vm.Accel.TCG, (7, 2)) is None
+        assert backend._direct_kernel(plan, vm.Accel.TCG, (7, 2)) is None
     told = [r.getMessage() for r in caplog.records if "boots as a bzImage" in r.getMessage()]
     assert len(told) == 1 and "has no payload fields" in told[0]
+
+
+def test_a_qemu_older_than_4_boots_the_bzimage(backend: vm.VmBackend, tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(bzimage(gzip.compress(PVH_ELF)))
+    spec = make_spec(tmp_path, kernel, vm_initrd=str(kernel))
+    assert backend._direct_kernel(vm.plan(spec), vm.Accel.TCG, (3, 1)) is None
+    assert backend._direct_kernel(vm.plan(spec), vm.Accel.TCG, (4, 0)) is not None
 
 
 def test_a_qemu_that_exits_at_once_fails_the_start_and_leaves_nothing(

@@ -1,7 +1,7 @@
 """vm_kernel: the PVH-bootable ELF inside a bzImage, found, checked, unpacked and cached.
 
-Synthetic bzImages (a boot-protocol header and a compressed ELF) stand in for real kernels; the
-real Debian kernel is unpacked and booted by the VM integration tests.
+Synthetic bzImages (``kernels.py``) stand in for real kernels; the real Debian kernel is
+unpacked and booted by the VM integration tests.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import gzip
 import hashlib
 import lzma
 import os
+import re
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,43 +22,7 @@ import pytest
 from lmrunner.backends import vm_kernel
 from lmrunner.backends.vm_kernel import KernelCache, KernelError
 from lmrunner.model import Handle
-
-
-def note(name: bytes, n_type: int, desc: bytes) -> bytes:
-    def pad(data: bytes) -> bytes:
-        return data + b"\x00" * (-len(data) % 4)
-
-    return struct.pack("<III", len(name) + 1, len(desc), n_type) + pad(name + b"\x00") + pad(desc)
-
-
-def elf(notes: bytes, *, bits: int = 2) -> bytes:
-    """A minimal ELF64 little-endian file: one PT_LOAD (ignored) and one PT_NOTE."""
-    phoff, phentsize, phnum = 64, 56, 2
-    notes_at = phoff + phentsize * phnum
-    header = bytearray(64)
-    header[:6] = b"\x7fELF" + bytes([bits, 1])
-    struct.pack_into("<Q", header, 0x20, phoff)
-    struct.pack_into("<HH", header, 0x36, phentsize, phnum)
-    load = struct.pack("<IIQQQQQQ", 1, 5, 0, 0, 0, 0, 0, 0)
-    pt_note = struct.pack("<IIQQQQQQ", 4, 4, notes_at, 0, 0, len(notes), len(notes), 4)
-    return bytes(header) + load + pt_note + notes
-
-
-PVH_ELF = elf(note(b"GNU", 3, b"build-id") + note(b"Xen", 18, struct.pack("<I", 0x1000000)))
-PLAIN_ELF = elf(note(b"Xen", 6, b"linux\x00"))
-
-
-def bzimage(payload: bytes, *, protocol: int = 0x20F, setup_sects: int = 3) -> bytes:
-    """A bzImage: setup sectors with the header, then the protected-mode part holding a
-    (stand-in) decompressor before the payload, then the kernel's size, as the build makes it."""
-    setup = bytearray((setup_sects + 1) * 512)
-    setup[0x1F1] = setup_sects
-    setup[0x202:0x206] = b"HdrS"
-    struct.pack_into("<H", setup, 0x206, protocol)
-    decompressor = b"\x90" * 100
-    struct.pack_into("<II", setup, 0x248, len(decompressor), len(payload))
-    return bytes(setup) + decompressor + payload + struct.pack("<I", 12345)
-
+from tests.unit.backends.kernels import PLAIN_ELF, PVH_ELF, PVH_NOTE, bzimage, elf, note
 
 COMPRESSIONS: dict[str, Callable[[bytes], bytes]] = {
     "xz": lambda data: lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32),
@@ -71,7 +37,17 @@ COMPRESSIONS: dict[str, Callable[[bytes], bytes]] = {
 def test_every_compression_python_reads_unpacks_to_the_elf(name: str) -> None:
     image = bzimage(COMPRESSIONS[name](PVH_ELF))
     assert vm_kernel.payload(image)[0] == name
-    assert vm_kernel.unpack(image) == PVH_ELF
+    unpacked = vm_kernel.unpack(image)
+    # The size the build appends after the stream is not part of the kernel (an uncompressed
+    # payload keeps it: nothing marks where the ELF ends, and QEMU reads only what it describes).
+    assert unpacked == PVH_ELF if name != "none" else unpacked.startswith(PVH_ELF)
+
+
+@pytest.mark.parametrize("name", ["xz", "gzip", "bzip2", "lzma"])
+def test_a_cut_stream_is_refused_not_unpacked_in_part(name: str) -> None:
+    stream = COMPRESSIONS[name](PVH_ELF + os.urandom(65536))
+    with pytest.raises(KernelError, match="payload ends before its stream does"):
+        vm_kernel.unpack(bzimage(stream[: len(stream) // 2]))
 
 
 def test_setup_sectors_zero_means_four() -> None:
@@ -83,9 +59,15 @@ def test_setup_sectors_zero_means_four() -> None:
 def test_the_pvh_note_is_what_makes_an_elf_bootable() -> None:
     assert vm_kernel.has_pvh_entry(PVH_ELF)
     assert not vm_kernel.has_pvh_entry(PLAIN_ELF)
-    assert not vm_kernel.has_pvh_entry(elf(note(b"Xen", 18, b"1234"), bits=1))  # 32-bit
+    assert not vm_kernel.has_pvh_entry(elf(PVH_NOTE, bits=1))  # 32-bit
+    assert not vm_kernel.has_pvh_entry(elf(PVH_NOTE, machine=183))  # aarch64
     assert not vm_kernel.has_pvh_entry(b"\x7fELF")
     assert not vm_kernel.has_pvh_entry(PVH_ELF[:100])  # program headers cut off
+
+
+def test_notes_in_an_8_aligned_segment_are_walked_with_8_byte_padding() -> None:
+    first = note(b"GNU", 5, b"\x01\x02\x03\x04\x05", align=8)  # padded to 8: 4 would misread
+    assert vm_kernel.has_pvh_entry(elf(first + note(b"Xen", 18, b"\x00" * 4, align=8), align=8))
 
 
 @pytest.mark.parametrize(
@@ -99,7 +81,7 @@ def test_the_pvh_note_is_what_makes_an_elf_bootable() -> None:
     ],
 )
 def test_kernels_that_cannot_boot_directly_say_why(image: bytes, reason: str) -> None:
-    with pytest.raises(KernelError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(KernelError, match=re.escape(reason)):
         vm_kernel.unpack(image)
 
 
@@ -110,14 +92,18 @@ def test_a_payload_outside_the_file_is_refused() -> None:
         vm_kernel.unpack(bytes(image))
 
 
+def cache_name(image: Path) -> str:
+    return f"{hashlib.sha256(image.read_bytes()).hexdigest()}.{vm_kernel.FORMAT}.elf"
+
+
 def test_the_cache_names_the_elf_by_the_bzimage_and_writes_it_once(tmp_path: Path) -> None:
     image = tmp_path / "vmlinuz"
     image.write_bytes(bzimage(gzip.compress(PVH_ELF)))
     cache = tmp_path / "kernels"
     first = vm_kernel.cached(image, cache)
-    assert first == cache / f"{hashlib.sha256(image.read_bytes()).hexdigest()}.elf"
+    assert first == cache / cache_name(image)
     assert first.read_bytes() == PVH_ELF
-    assert first.stat().st_mode & 0o777 == 0o644  # QEMU reads it
+    assert first.stat().st_mode & 0o777 == 0o644
     written = first.stat().st_ino
     assert vm_kernel.cached(image, cache) == first
     assert first.stat().st_ino == written  # found, not written again
@@ -125,6 +111,54 @@ def test_the_cache_names_the_elf_by_the_bzimage_and_writes_it_once(tmp_path: Pat
 
     image.write_bytes(bzimage(bz2.compress(PVH_ELF)))  # a new kernel: a new file
     assert vm_kernel.cached(image, cache) != first
+
+
+@pytest.mark.parametrize("content", [b"", PVH_ELF[:200], PLAIN_ELF])
+def test_a_torn_or_foreign_cache_file_is_unpacked_again(tmp_path: Path, content: bytes) -> None:
+    image = tmp_path / "vmlinuz"
+    image.write_bytes(bzimage(gzip.compress(PVH_ELF)))
+    cache = tmp_path / "kernels"
+    cache.mkdir()
+    (cache / cache_name(image)).write_bytes(content)  # as a crash or an old unpacker left it
+    assert vm_kernel.cached(image, cache).read_bytes() == PVH_ELF
+
+
+def test_an_oversized_image_is_refused_before_it_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = tmp_path / "vmlinuz"
+    image.write_bytes(bzimage(gzip.compress(PVH_ELF)))
+    monkeypatch.setattr(vm_kernel, "MAX_IMAGE_BYTES", 100)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read"))
+    with pytest.raises(KernelError, match="larger than"):
+        vm_kernel.cached(image, tmp_path / "kernels")
+
+
+def test_kernels_unused_for_long_and_abandoned_temporaries_are_pruned(tmp_path: Path) -> None:
+    cache = tmp_path / "kernels"
+    cache.mkdir()
+    names = ("old.v1.elf", "recent.v1.elf", "kept.v1.elf", ".x.v1.elf.ab12", ".y.v1.elf.cd34")
+    old, recent, kept, abandoned, writing = (cache / name for name in names)
+    for path in (old, recent, kept, abandoned, writing):
+        path.write_bytes(b"elf")
+    for path in (old, kept, abandoned):
+        os.utime(path, (1000.0, 1000.0))
+    other = cache / "notes.txt"
+    other.write_text("not a kernel")
+    os.utime(other, (1000.0, 1000.0))
+    removed = vm_kernel.prune(cache, {kept}, older_than=2000.0)
+    assert sorted(removed) == sorted([old, abandoned])
+    left = sorted(p.name for p in cache.iterdir())
+    assert left == [".y.v1.elf.cd34", "kept.v1.elf", "notes.txt", "recent.v1.elf"]
+
+
+def test_a_hit_marks_the_kernel_as_used(tmp_path: Path) -> None:
+    image = tmp_path / "vmlinuz"
+    image.write_bytes(bzimage(gzip.compress(PVH_ELF)))
+    found = vm_kernel.cached(image, tmp_path / "kernels")
+    os.utime(found, (1000.0, 1000.0))
+    vm_kernel.cached(image, tmp_path / "kernels")
+    assert found.stat().st_mtime > 1000.0
 
 
 def test_the_factory_cache_remembers_kernels_by_stat_and_failures_too(
@@ -150,30 +184,36 @@ def test_the_factory_cache_remembers_kernels_by_stat_and_failures_too(
     good.write_bytes(bzimage(bz2.compress(PVH_ELF)))  # replaced in place: read again
     cache.get(good)
     assert calls == [good, bad, good]
+    with pytest.raises(KernelError, match="cannot read"):
+        cache.get(tmp_path / "missing")
 
 
-def test_kernels_unused_for_long_are_pruned_but_not_those_in_use(tmp_path: Path) -> None:
-    cache = tmp_path / "kernels"
-    cache.mkdir()
-    old, recent, kept = (cache / f"{name}.elf" for name in ("old", "recent", "kept"))
-    for path in (old, recent, kept):
-        path.write_bytes(b"elf")
-    os.utime(old, (1000.0, 1000.0))
-    os.utime(kept, (1000.0, 1000.0))
-    other = cache / "notes.txt"
-    other.write_text("not a kernel")
-    os.utime(other, (1000.0, 1000.0))
-    assert vm_kernel.prune(cache, {kept}, older_than=2000.0) == [old]
-    assert sorted(p.name for p in cache.iterdir()) == ["kept.elf", "notes.txt", "recent.elf"]
-
-
-def test_a_hit_marks_the_kernel_as_used(tmp_path: Path) -> None:
+def test_a_cache_that_cannot_be_written_is_retried_later_not_at_every_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     image = tmp_path / "vmlinuz"
     image.write_bytes(bzimage(gzip.compress(PVH_ELF)))
-    found = vm_kernel.cached(image, tmp_path / "kernels")
-    os.utime(found, (1000.0, 1000.0))
-    vm_kernel.cached(image, tmp_path / "kernels")
-    assert found.stat().st_mtime > 1000.0
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    cache = KernelCache(blocked / "kernels")
+    clock = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    calls: list[Path] = []
+    real = vm_kernel.cached
+
+    def counting(image: Path, cache_dir: Path) -> Path:
+        calls.append(image)
+        return real(image, cache_dir)
+
+    monkeypatch.setattr(vm_kernel, "cached", counting)
+    for _ in range(3):
+        with pytest.raises(KernelError, match="cannot unpack"):
+            cache.get(image)
+    assert calls == [image]  # remembered: starts meanwhile boot the bzImage at once
+    blocked.unlink()
+    clock[0] += vm_kernel.RETRY_SECONDS
+    assert cache.get(image).read_bytes() == PVH_ELF
+    assert calls == [image, image]
 
 
 def test_a_handle_keeps_its_engine_facts_and_reads_old_handles() -> None:
