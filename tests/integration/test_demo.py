@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -24,3 +25,14 @@ def test_demo_runs_and_stops_cleanly() -> None:
     # Some LM always ends within 15 s.
     assert any(" finished " in line for line in out.splitlines()), out
     assert "--- stopping the factory" in out
+
+
+def test_a_demo_that_cannot_start_says_why_and_leaves_no_state(tmp_path: Path) -> None:
+    bad = tmp_path / "demo.yaml"
+    text = (REPO / "examples" / "demo.yaml").read_text()
+    bad.write_text(text.replace("total_processors: 2", "total_processors: 999"))
+    env = {**os.environ, "DEMO_CONFIG": str(bad), "TMPDIR": str(tmp_path),
+           "LMRUNNER": str(REPO / ".venv" / "bin" / "lmrunner")}  # fmt: skip
+    done = runner.run([REPO / "scripts" / "demo", "3"], env=env, timeout=60, ok_codes=(1,))
+    assert "factory.total_processors" in done.stderr
+    assert list(tmp_path.glob("lmrunner-demo.*")) == []  # the cleanup ran to its end
