@@ -79,7 +79,7 @@ from lmrunner.errors import (
     StartError,
 )
 from lmrunner.model import Placement
-from lmrunner.process import ProcessId, Supervisor, alive, identify, read_status
+from lmrunner.process import ProcessId, Supervisor, alive, identify, read_status, start_ticks
 
 LOG = logging.getLogger(__name__)
 
@@ -592,7 +592,7 @@ class ApptainerBackend:
             uuid = labels.get(LABEL_ENV[LABEL_UUID], "")
             if not _is_uuid(uuid) or LABEL_ENV[LABEL_FACTORY] not in labels:
                 continue
-            ticks = _start_ticks(fields)
+            ticks = start_ticks(fields)
             if ticks is None:
                 continue
             found.setdefault(uuid, (labels, []))[1].append(ProcessId(int(entry.name), ticks))
@@ -704,13 +704,6 @@ def _real_uid(status_file: Path) -> int | None:
         if line.startswith("Uid:"):
             return int(line.split()[1])
     return None
-
-
-def _start_ticks(stat_text: str) -> int | None:
-    fields = stat_text[stat_text.rindex(")") + 2 :].split()
-    if len(fields) < 20 or fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
 
 
 def _process(handle: Handle) -> ProcessId | None:

@@ -744,9 +744,9 @@ class Factory:
     def _image(self, mt: MachinetypeConfig) -> str:
         """The machinetype's image, a relative file name resolved in its files folder (engine
         references such as docker://, oras:// or a Docker image name are passed through)."""
-        if "://" in mt.image or mt.image.startswith("/"):
+        if "://" in mt.image:
             return mt.image
-        candidate = self.config.files_dir(mt.name) / mt.image
+        candidate = resolve_local(mt.image, self.config.files_dir(mt.name))
         return str(candidate) if candidate.exists() else mt.image
 
     # --- housekeeping ---------------------------------------------------------------------------

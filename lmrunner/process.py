@@ -50,21 +50,28 @@ class ExitStatus:
     ended_at: float | None
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
+def stat_fields(stat_text: str) -> list[str]:
+    """The fields of a ``/proc/<pid>/stat`` text after the command name (field 3 first): the
+    name, in parentheses, may hold spaces and parentheses itself, so the split is after it."""
+    return stat_text[stat_text.rindex(")") + 2 :].split()
+
+
+def start_ticks(stat_text: str) -> int | None:
+    """The start time (field 22) of a live process from its stat text; None for a zombie."""
+    fields = stat_fields(stat_text)
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
         return None
-    # The command name (field 2) is in parentheses and may hold spaces: split after it.
-    return text[text.rindex(")") + 2 :].split()
+    return int(fields[19])
 
 
 def identify(pid: int) -> ProcessId | None:
     """The :class:`ProcessId` of a live process, or None when there is none with this pid."""
-    fields = _stat_fields(pid)
-    if fields is None or fields[0] in ("Z", "X"):
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
         return None
-    return ProcessId(pid, int(fields[19]))
+    ticks = start_ticks(text)
+    return None if ticks is None else ProcessId(pid, ticks)
 
 
 def alive(process: ProcessId) -> bool:

@@ -24,7 +24,7 @@ from lmrunner.cgroups import CgroupRef
 from lmrunner.config import Config, load_config
 from lmrunner.factory import Factory, host_cgroups
 from lmrunner.lifecycle import OutcomeSource
-from lmrunner.process import identify
+from lmrunner.process import identify, stat_fields
 from lmrunner.state import LmRecord
 from tests.integration.conftest import TIMESCALE, Factories, drive
 
@@ -167,6 +167,13 @@ def cgroup_dirs(ref: CgroupRef) -> list[Path]:
     ]
 
 
+def cpu_seconds(stat_text: str, *, children: bool = False) -> float:
+    """CPU seconds from a ``/proc/<pid>/stat`` text: utime + stime, and with ``children`` the
+    reaped children's cutime + cstime too."""
+    values = stat_fields(stat_text)[11 : 15 if children else 13]
+    return sum(int(v) for v in values) / CLK_TCK
+
+
 # --- the scenarios: each returns the figures it measured ----------------------------------------
 
 
@@ -176,9 +183,7 @@ def burn_is_accounted(r: Rig) -> dict[str, float]:
     lm = one_lm(factory)
     done = until_ended(factory, lm.uuid)
     assert done.outcome is not None and done.outcome.code == 200, done.outcome
-    fields = (done.directory / "joboutputs" / "burn.stat").read_text()
-    values = fields[fields.rindex(")") + 2 :].split()
-    known = sum(int(v) for v in values[11:15]) / CLK_TCK  # utime stime cutime cstime
+    known = cpu_seconds((done.directory / "joboutputs" / "burn.stat").read_text(), children=True)
     rows = factory.store.accounting()
     assert len(rows) == 1
     row = rows[0]
@@ -217,11 +222,9 @@ def engine_cpu_is_accounted(r: Rig) -> dict[str, float]:
         assert time.monotonic() < deadline, "the guest never started burning"
         time.sleep(0.1)
     time.sleep(4.0)  # well inside the guest's 12 s burn
-    fields = Path(f"/proc/{qemu.pid}/stat").read_text()
+    known = cpu_seconds(Path(f"/proc/{qemu.pid}/stat").read_text())  # the whole thread group
     used = factory.cgroups.usage(ref).cpu_seconds
     assert identify(qemu.pid) == qemu  # the same QEMU, still running
-    values = fields[fields.rindex(")") + 2 :].split()
-    known = (int(values[11]) + int(values[12])) / CLK_TCK  # utime stime (whole thread group)
     error = abs(used - known) / known
     print(f"{r.backend}: QEMU's own CPU {known:.3f} s, cgroup {used:.3f} s, "
           f"error {100 * error:.2f} %")  # fmt: skip
