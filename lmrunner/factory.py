@@ -9,20 +9,20 @@ Vac's fixed 60 s cycle.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pwd
 import queue
 import random
-import shutil
 import threading
 import time
 import uuid as uuid_mod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lmrunner import apel, payload, slots
+from lmrunner import apel, payload, slots, untrusted
 from lmrunner.accounting import AccountingRecord, Flag, vo_of
 from lmrunner.backends.base import (
     LABEL_FACTORY,
@@ -33,13 +33,13 @@ from lmrunner.backends.base import (
     Health,
     LmCgroup,
     MachineSpec,
+    Owned,
     Status,
 )
 from lmrunner.cgroups import CgroupController, CgroupRef, Usage, open_controller
 from lmrunner.config import Config, FactoryConfig, MachinetypeConfig, resolve_local
 from lmrunner.errors import (
     BackendError,
-    BackendUnavailable,
     CgroupError,
     CgroupUnsupported,
     LmrunnerError,
@@ -55,11 +55,17 @@ from lmrunner.lifecycle import (
     start_failed_outcome,
     wallclock_outcome,
 )
-from lmrunner.state import LmRecord, Store
+from lmrunner.state import LmRecord, Store, StoreError, StoreUnwritable
 
 LOG = logging.getLogger(__name__)
 CLEANUP_SECONDS = 3600.0  # LM directories live for days: an hourly look is enough
+#: Below this much free space (or read-only) in the state directory no LM starts: the store,
+#: the LM folders and the APEL records live there, and what is recorded must stay recordable.
+MIN_FREE_BYTES = 32 * 1024 * 1024
 RESTART_OUTCOME = Outcome(100, "Start interrupted by a factory restart", OutcomeSource.START_FAILED)
+UNRECORDED_OUTCOME = Outcome(
+    500, "Start could not be recorded (state directory not writable)", OutcomeSource.START_FAILED
+)
 
 
 def host_cgroups(factory: FactoryConfig) -> CgroupController | None:
@@ -85,6 +91,7 @@ class Tuning:
     reconcile_seconds: float = 30.0  # catch anything a backend failed to report
     orphan_grace_seconds: float = 300.0  # labelled engine objects without a record
     idle_wait_seconds: float = 5.0  # re-plan at least this often when processors are free
+    min_free_bytes: int = MIN_FREE_BYTES  # in the state directory's filesystem, to start LMs
 
 
 @dataclass
@@ -122,6 +129,9 @@ class Factory:
         self.load_average = load_average
         self.events: queue.Queue[str] = queue.Queue()
         self.stopping_requested = threading.Event()
+        self.reload_requested = threading.Event()
+        #: Why the state directory cannot take more now (full, read-only); None when it can.
+        self.store_problem: str | None = None
         self.started_at = clock()
         self._orphans_seen: dict[str, float] = {}
         self.unavailable: dict[str, str] = {}  # backend -> why (its machinetypes do not start)
@@ -137,48 +147,75 @@ class Factory:
         for each in self.backends.values():
             each.watch(self.events.put)
         for record in self.store.active():
-            backend = self.backends.get(record.backend)
-            if backend is None:
-                LOG.error(
-                    "lm=%s backend=%s: backend not available; left alone",
-                    record.name,
-                    record.backend,
-                )
-                continue
-            if record.state is LmState.CREATING or (
-                record.state is LmState.STARTING and record.handle is None
-            ):
-                self._settle_half_created(record, backend)
-                report.finished.append(record.name)
-                continue
-            assert record.handle is not None
-            try:
-                backend.recover(record.uuid, record.handle)
-            except BackendUnavailable as err:
-                LOG.error("lm=%s: cannot reattach now: %s", record.name, err)
-            except MachineNotFound:
-                LOG.warning(
-                    "lm=%s: gone from %s while lmrunner was down", record.name, record.backend
-                )
-            self.events.put(record.uuid)  # inspect it in the next pass: it may have ended meanwhile
-            LOG.info("lm=%s machinetype=%s: adopted", record.name, record.machinetype)
+            with self._guard(record.name):
+                self._adopt(record, report)
+        for record in self.store.unaccounted():
+            with self._guard(record.name):  # ended under an lmrunner that accounted apart
+                mt = self.config.machinetypes.get(record.machinetype)
+                if self.store.add_accounting(accounting_record(record, None, mt)):
+                    LOG.warning("lm=%s: accounting record backfilled", record.name)
         return report
 
-    def _settle_half_created(self, record: LmRecord, backend: Backend) -> None:
-        """An LM whose start was interrupted: remove whatever exists of it, once."""
+    def _adopt(self, record: LmRecord, report: PassReport) -> None:
+        backend = self.backends.get(record.backend)
+        if backend is None:
+            LOG.error(
+                "lm=%s backend=%s: backend not available; left alone", record.name, record.backend
+            )
+            return
+        if record.state is LmState.CREATING or (
+            record.state is LmState.STARTING and record.handle is None
+        ):
+            self._settle_half_created(record, backend)
+            report.finished.append(record.name)
+            return
+        assert record.handle is not None
+        try:
+            backend.recover(record.uuid, record.handle)
+        except MachineNotFound:
+            LOG.warning("lm=%s: gone from %s while lmrunner was down", record.name, record.backend)
+        except BackendError as err:
+            LOG.error("lm=%s: cannot reattach now: %s", record.name, err)
+        self.events.put(record.uuid)  # inspect it in the next pass: it may have ended meanwhile
+        LOG.info("lm=%s machinetype=%s: adopted", record.name, record.machinetype)
+
+    @contextlib.contextmanager
+    def _guard(self, name: str) -> Iterator[None]:
+        """One LM's work: whatever goes wrong with it is logged with its name and retried by a
+        later pass or reconcile, never the daemon's end. Store errors are the pass's business
+        (:meth:`run`): a full or broken state directory concerns every LM."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except LmrunnerError as err:
+            LOG.error("lm=%s: %s (retried later)", name, err)
+        except Exception:  # a bug or an engine's surprise: one LM's, never the factory's
+            LOG.exception("lm=%s: unexpected error (retried later)", name)
+
+    def _settle_half_created(
+        self, record: LmRecord, backend: Backend, outcome: Outcome = RESTART_OUTCOME
+    ) -> None:
+        """An LM whose start was interrupted (a restart, or a store write that failed): remove
+        whatever exists of it, once."""
         try:
             for owned in backend.list_owned():
                 if owned.uuid == record.uuid:
                     backend.destroy(owned.uuid, owned.handle)
         except BackendError as err:  # what is left becomes an orphan, removed by a reconcile
             LOG.error("lm=%s: cannot look for its engine object now: %s", record.name, err)
-        shutil.rmtree(record.directory, ignore_errors=True)
-        record = self.store.transition(
-            record.uuid, LmState.FAILED, outcome=RESTART_OUTCOME, finished=self.clock()
+        untrusted.remove_tree(record.directory)
+        mt = self.config.machinetypes.get(record.machinetype)
+        record = self.store.finish(
+            record.uuid,
+            LmState.FAILED,
+            lambda ended: accounting_record(ended, None, mt),
+            outcome=outcome,
+            finished=self.clock(),
         )
-        self._account(record, None, self.config.machinetypes.get(record.machinetype))
+        self._publish()
         self._remove_cgroup(record)
-        LOG.warning("lm=%s: half-created before a restart; removed", record.name)
+        LOG.warning("lm=%s: half-created (%s); removed", record.name, outcome.text)
 
     # --- one pass ---------------------------------------------------------------------------
 
@@ -186,18 +223,56 @@ class Factory:
         """Handle everything that is due now; return what was done."""
         report = PassReport()
         now = self.clock()
+        self._deadline = now + self.tuning.idle_wait_seconds  # if this pass ends early
+        self._check_state_dir()
         self._handle_requests(report)
         self._handle_events(report)
         if now >= self._next_reconcile:
-            self._reconcile(report)
             self._next_reconcile = now + self.tuning.reconcile_seconds
+            self._reconcile(report)
         # One read of the active LMs serves enforcement, planning and the next wait: this pass
         # runs after every exit, and the table can hold thousands of LMs.
         active = self._enforce(report, self.store.active())
-        if not self.stopping_requested.is_set():
+        if self.store_problem is not None:
+            report.blocked = self.store_problem
+        elif not self.stopping_requested.is_set():
             active += self._start_lms(report, active)
         self._deadline = self._next_deadline(active, now)
         return report
+
+    def _check_state_dir(self) -> None:
+        """Start nothing while the state directory is full or read-only (one log line when that
+        begins and one when it ends); what is recorded stays, ends are recorded when they can."""
+        problem = None
+        try:
+            info = os.statvfs(self.config.factory.state_dir)
+        except OSError as err:
+            problem = f"cannot look at it: {err}"
+        else:
+            if info.f_flag & os.ST_RDONLY:
+                problem = "its filesystem is read-only"
+            elif info.f_bavail * info.f_frsize < self.tuning.min_free_bytes:
+                free = info.f_bavail * info.f_frsize / 2**20
+                problem = f"its filesystem is full ({free:.0f} MiB free)"
+        if problem is None and self.store_problem is not None:
+            try:  # writable again? (a write failed last time)
+                self.store.set_meta("writable_at", str(self.clock()))
+            except StoreUnwritable as err:
+                problem = str(err)
+        self._set_store_problem(problem)
+
+    def _set_store_problem(self, problem: str | None) -> None:
+        if problem is not None and self.store_problem is None:
+            LOG.error(
+                "state directory %s: %s; no LM starts until it can take more",
+                self.config.factory.state_dir,
+                problem,
+            )
+        elif problem is None and self.store_problem is not None:
+            LOG.warning(
+                "state directory %s: writable again; starting LMs", self.config.factory.state_dir
+            )
+        self.store_problem = problem
 
     def _handle_events(self, report: PassReport) -> None:
         seen: set[str] = set()
@@ -212,7 +287,8 @@ class Factory:
             record = self.store.get(uuid)
             if record is None or not record.active or record.handle is None:
                 continue
-            self._check(record, report)
+            with self._guard(record.name):
+                self._check(record, report)
 
     def _check(self, record: LmRecord, report: PassReport) -> None:
         """Ask the engine about an LM; finalise it when it has ended."""
@@ -232,8 +308,7 @@ class Factory:
         """Record how the LM ended (exactly once), then remove its engine object."""
         mt = self.config.machinetypes.get(record.machinetype)
         fizzle = mt.fizzle_seconds if mt else 0
-        message_file = record.directory / "joboutputs" / "shutdown_message"
-        message = _read_message(message_file)
+        message = untrusted.read_message(record.directory)
         ended = status.ended_at or self.clock()
         usage = self._usage(record)
         # The cgroup counts OOM kills the engine may not report (a payload's child, an adopted
@@ -251,27 +326,32 @@ class Factory:
             fizzle_seconds=fizzle,
             interrupted=status.interrupted,
         )
-        if (
-            outcome.source is not OutcomeSource.PAYLOAD
-            and message is None
-            and message_file.parent.is_dir()
-        ):
-            # Vac wrote its own reason where the payload's would be; keep doing so for tools.
-            message_file.write_text(outcome.message + "\n")
-        record = self.store.transition(
+        # State, outcome and accounting in one transaction; removing the engine object and the
+        # cgroup come after, and a reconcile retries them if the daemon dies in between.
+        record = self.store.finish(
             record.uuid,
             LmState.FINISHED,
+            lambda done: accounting_record(done, usage, mt),
             outcome=outcome,
             finished=ended,
             cpu_seconds=None if usage is None else usage.cpu_seconds,
             memory_peak_bytes=_peak(record, usage),
         )
-        if record.handle is not None:
+        if outcome.source is not OutcomeSource.PAYLOAD and message is None:
+            # Vac wrote its own reason where the payload's would be; keep doing so for tools,
+            # but never over (or through) anything the payload left there.
             try:
+                untrusted.create(
+                    record.directory,
+                    "joboutputs/shutdown_message",
+                    (outcome.message + "\n").encode(),
+                )
+            except (untrusted.UntrustedFileError, OSError) as err:
+                LOG.warning("lm=%s: cannot write its shutdown_message: %s", record.name, err)
+        if record.handle is not None:
+            with self._guard(record.name):  # a leftover is removed by a later reconcile
                 backend.destroy(record.uuid, record.handle)
-            except BackendError as err:  # its leftover is removed by a later reconcile
-                LOG.error("lm=%s: cannot remove its engine object now: %s", record.name, err)
-        self._account(record, usage, mt)
+        self._publish()
         self._remove_cgroup(record)
         LOG.info(
             "lm=%s machinetype=%s: finished: %s (%s)",
@@ -363,49 +443,6 @@ class Factory:
             else:
                 LOG.warning("lm=%s: removed a cgroup its record did not name", record.name)
 
-    def _account(self, record: LmRecord, usage: Usage | None, mt: MachinetypeConfig | None) -> None:
-        """Record the LM's accounting once, then write its APEL message."""
-        assert record.finished is not None
-        wall = 0.0 if record.started is None else max(record.finished - record.started, 0.0)
-        flags = set()
-        if record.started is None:
-            flags.add(Flag.FAILED)
-        elif mt is not None and wall < mt.fizzle_seconds:
-            flags.add(Flag.SHORT)
-        if usage is None:
-            flags.add(Flag.UNMEASURED)
-        oom_kills = 0 if usage is None else usage.oom_kills
-        if oom_kills or (record.outcome is not None and record.outcome.source is OutcomeSource.OOM):
-            flags.add(Flag.OOM)
-        fqan = mt.accounting_fqan if mt is not None else None
-        outcome = record.outcome or start_failed_outcome("unknown")
-        self.store.add_accounting(
-            AccountingRecord(
-                uuid=record.uuid,
-                name=record.name,
-                machinetype=record.machinetype,
-                backend=record.backend,
-                fqan=fqan,
-                vo=vo_of(fqan),
-                processors=record.processors,
-                # As the LM started: its limits hold the HS06 it was announced with.
-                hs06=None if record.limits.hs06 is None else record.limits.hs06 / record.processors,
-                created=record.created,
-                started=record.started,
-                finished=record.finished,
-                wall_seconds=wall,
-                cpu_seconds=record.cpu_seconds,
-                memory_peak_bytes=record.memory_peak_bytes,
-                oom_kills=oom_kills,
-                outcome_code=outcome.code,
-                outcome_text=outcome.text,
-                outcome_source=outcome.source.value,
-                flags=frozenset(flags),
-                memory_limit_bytes=record.limits.memory_bytes,
-            )
-        )
-        self._publish()
-
     def _publish(self) -> None:
         """Write the APEL messages not written yet (after each end, and on every reconcile)."""
         try:
@@ -427,10 +464,20 @@ class Factory:
         active = {record.uuid: record for record in self.store.active()}
         for record in active.values():
             if record.handle is not None and record.state in (LmState.RUNNING, LmState.STOPPING):
-                self._check(record, report)
+                with self._guard(record.name):
+                    self._check(record, report)
+            elif record.handle is None and record.backend in self.backends:
+                # Half-created outside any start (one thread starts LMs): its start could not
+                # be recorded; what exists of it must not run unsupervised.
+                with self._guard(record.name):
+                    self._settle_half_created(
+                        record, self.backends[record.backend], UNRECORDED_OUTCOME
+                    )
+                    report.finished.append(record.name)
         self._sample_memory(self.store.active())  # afresh: some ended in the checks above
         for record in self.store.leftover_cgroups():
-            self._remove_cgroup(record)
+            with self._guard(record.name):
+                self._remove_cgroup(record)
         self._remove_unrecorded_cgroups()
         self._publish()
         now = self.clock()
@@ -451,31 +498,31 @@ class Factory:
                 if owned.factory != self.store.factory_id or owned.uuid in active:
                     continue
                 seen.add(owned.uuid)
-                known = self.store.get(owned.uuid)
-                first = self._orphans_seen.setdefault(owned.uuid, now)
-                if known is not None and not known.active:
-                    backend.destroy(owned.uuid, owned.handle)  # finished, destroy had failed
-                elif now - first >= self.tuning.orphan_grace_seconds:
-                    LOG.warning(
-                        "orphan %s (%s) of %s: no record; removing",
-                        owned.name,
-                        owned.uuid,
-                        backend.name,
-                    )
-                    backend.destroy(owned.uuid, owned.handle)
-                    self._orphans_seen.pop(owned.uuid, None)
-                else:
-                    LOG.warning(
-                        "orphan %s (%s) of %s: no record; removal after grace",
-                        owned.name,
-                        owned.uuid,
-                        backend.name,
-                    )
+                with self._guard(owned.name):
+                    self._reap(backend, owned, now)
         # Forget orphans that are gone (removed, or finished LMs' leftovers destroyed above).
         self._orphans_seen = {uuid: t for uuid, t in self._orphans_seen.items() if uuid in seen}
         if now >= self._next_cleanup:
             self.cleanup_directories()
             self._next_cleanup = now + CLEANUP_SECONDS
+
+    def _reap(self, backend: Backend, owned: Owned, now: float) -> None:
+        """An engine object of this factory that no active LM holds: a finished LM's leftover
+        (its destroy failed or the daemon died first) goes now, an unknown one after a grace."""
+        known = self.store.get(owned.uuid)
+        first = self._orphans_seen.setdefault(owned.uuid, now)
+        if known is not None and not known.active:
+            backend.destroy(owned.uuid, owned.handle)
+            self._orphans_seen.pop(owned.uuid, None)
+            LOG.info("lm=%s: engine object of the ended LM removed", owned.name)
+        elif now - first >= self.tuning.orphan_grace_seconds:
+            LOG.warning("orphan %s (%s) of %s: no record; removing", owned.name, owned.uuid,
+                        backend.name)  # fmt: skip
+            backend.destroy(owned.uuid, owned.handle)
+            self._orphans_seen.pop(owned.uuid, None)
+        else:
+            LOG.warning("orphan %s (%s) of %s: no record; removal after grace", owned.name,
+                        owned.uuid, backend.name)  # fmt: skip
 
     def _unavailable(self, backend: Backend, why: object) -> None:
         """Start no LM of this backend until a reconcile finds it working; keep the others."""
@@ -489,8 +536,9 @@ class Factory:
             if record is None or not record.active or record.handle is None:
                 continue
             force = action == "kill"
-            self._stop(record, operator_outcome(force), grace=0 if force else grace)
-            report.stopping.append(record.name)
+            with self._guard(record.name):
+                self._stop(record, operator_outcome(force), grace=0 if force else grace)
+                report.stopping.append(record.name)
 
     def _stop(self, record: LmRecord, reason: Outcome, *, grace: float | None = None) -> LmRecord:
         """Ask an LM to stop; it is killed when its grace period runs out."""
@@ -518,35 +566,40 @@ class Factory:
         """Shutdowntimes, heartbeat files, and grace periods that ran out; returns ``active``
         as it is afterwards."""
         now = self.clock()
-        factory_end = self.config.factory.shutdown_time
         out = []
         for record in active:
             out.append(record)
-            if record.handle is None:
-                continue
-            if record.state is LmState.STOPPING:
-                if record.stop_deadline is not None and now >= record.stop_deadline:
-                    backend = self.backends.get(record.backend)
-                    if backend is not None:
-                        try:
-                            backend.stop(record.uuid, record.handle, force=True)
-                        except BackendError as err:
-                            self._unavailable(backend, err)
-                continue
-            if record.state is not LmState.RUNNING:
-                continue
-            if factory_end is not None and factory_end < record.shutdown_time:
-                try:
-                    payload.update_shutdowntime(record.directory, factory_end)
-                except OSError as err:  # its folder vanished: the record still gets the time
-                    LOG.error("lm=%s: cannot lower its shutdowntime files: %s", record.name, err)
-                record = out[-1] = self.store.update(record.uuid, shutdown_time=factory_end)
-            reason = wallclock_outcome() if now >= record.shutdown_time else None
-            reason = reason or self._heartbeat_problem(record, now)
-            if reason is not None:
-                out[-1] = self._stop(record, reason)
-                report.stopping.append(record.name)
+            if record.handle is not None:
+                with self._guard(record.name):
+                    out[-1] = self._enforce_one(report, record, now)
         return out
+
+    def _enforce_one(self, report: PassReport, record: LmRecord, now: float) -> LmRecord:
+        assert record.handle is not None
+        if record.state is LmState.STOPPING:
+            if record.stop_deadline is not None and now >= record.stop_deadline:
+                backend = self.backends.get(record.backend)
+                if backend is not None:
+                    try:
+                        backend.stop(record.uuid, record.handle, force=True)
+                    except BackendError as err:
+                        self._unavailable(backend, err)
+            return record
+        if record.state is not LmState.RUNNING:
+            return record
+        factory_end = self.config.factory.shutdown_time
+        if factory_end is not None and factory_end < record.shutdown_time:
+            try:
+                payload.update_shutdowntime(record.directory, factory_end)
+            except OSError as err:  # its folder vanished: the record still gets the time
+                LOG.error("lm=%s: cannot lower its shutdowntime files: %s", record.name, err)
+            record = self.store.update(record.uuid, shutdown_time=factory_end)
+        reason = wallclock_outcome() if now >= record.shutdown_time else None
+        reason = reason or self._heartbeat_problem(record, now)
+        if reason is not None:
+            record = self._stop(record, reason)
+            report.stopping.append(record.name)
+        return record
 
     def _heartbeat_problem(self, record: LmRecord, now: float) -> Outcome | None:
         """Vac's rule (vac.md §3.6), with its grace after a daemon (re)start."""
@@ -561,12 +614,11 @@ class Factory:
         # Only once both are *more than* fizzle_seconds ago (Vac: started < now - fizzle_seconds).
         if now - record.started <= mt.fizzle_seconds or now - self.started_at <= mt.fizzle_seconds:
             return None
-        beat = record.directory / "joboutputs" / mt.heartbeat_file
-        try:
-            age = now - beat.stat().st_mtime
-        except FileNotFoundError:
+        # lstat of a regular file only: a link to a fresh host file is no heartbeat.
+        beat = untrusted.lstat_regular(record.directory / "joboutputs", mt.heartbeat_file)
+        if beat is None:
             return heartbeat_outcome(created=False)
-        if mt.heartbeat_seconds > 0 and age > mt.heartbeat_seconds:
+        if mt.heartbeat_seconds > 0 and now - beat.st_mtime > mt.heartbeat_seconds:
             return heartbeat_outcome(created=True)
         return None
 
@@ -611,7 +663,9 @@ class Factory:
         for decision, slot in zip(decisions, free, strict=False):
             if self.stopping_requested.is_set():  # SIGTERM arrived during this pass
                 break
-            record = self._start(decision, slot)
+            record = None
+            with self._guard(f"slot {slot}"):
+                record = self._start(decision, slot)
             if record is not None:
                 report.started.append(record.name)
                 started.append(record)
@@ -673,20 +727,32 @@ class Factory:
             spec = replace(spec, cgroup=self._make_cgroup(record, owner, backend.memory_overhead()))
             self.store.transition(record.uuid, LmState.STARTING)
             handle = backend.start(spec)
-        except (LmrunnerError, OSError) as err:
-            LOG.error("lm=%s machinetype=%s: start failed: %s", name, mt.name, err)
-            failed = self.store.transition(
+        except StoreError:
+            raise  # the pass's business: the LM is settled after a restart or by a later pass
+        except Exception as err:  # any failure of one start fails that LM only
+            if isinstance(err, LmrunnerError | OSError):
+                LOG.error("lm=%s machinetype=%s: start failed: %s", name, mt.name, err)
+            else:
+                LOG.exception("lm=%s machinetype=%s: start failed unexpectedly", name, mt.name)
+            failed = self.store.finish(
                 record.uuid,
                 LmState.FAILED,
+                lambda ended: accounting_record(ended, None, mt),
                 outcome=start_failed_outcome(str(err)),
                 finished=self.clock(),
             )
-            self._account(failed, None, mt)
+            self._publish()
             self._remove_cgroup(failed)
             return None
-        record = self.store.transition(
-            record.uuid, LmState.RUNNING, handle=handle, started=self.clock()
-        )
+        try:
+            record = self.store.transition(
+                record.uuid, LmState.RUNNING, handle=handle, started=self.clock()
+            )
+        except StoreError:
+            # Unrecorded, it would run unsupervised: remove it now; a reconcile settles the row.
+            with self._guard(name):
+                backend.destroy(identity.uuid, handle)
+            raise
         LOG.info(
             "lm=%s machinetype=%s processors=%d: started (%s)",
             name,
@@ -765,7 +831,7 @@ class Factory:
             mt = self.config.machinetypes.get(record.machinetype)
             days = mt.machines_dir_days if mt else 3.0
             if days > 0 and now - record.finished > days * 86400:  # 0: kept forever
-                shutil.rmtree(record.directory, ignore_errors=True)
+                untrusted.remove_tree(record.directory)
                 self.store.update(record.uuid, cleaned=True)
                 removed.append(record.directory)
         return removed
@@ -792,11 +858,29 @@ class Factory:
         """Seconds until something is due (an event wakes the loop earlier)."""
         return max(self._deadline - self.clock(), 0.0)
 
-    def run(self, *, once: bool = False) -> None:
-        """Adopt, then handle events and deadlines until :meth:`request_stop` (SIGTERM)."""
+    def run(self, *, once: bool = False, reload: Callable[[], None] | None = None) -> None:
+        """Adopt, then handle events and deadlines until :meth:`request_stop` (SIGTERM).
+
+        ``reload`` (SIGHUP, through :meth:`request_reload`) runs between passes, never inside
+        one. A state directory that cannot be written stops starts until it can; a store that
+        cannot be read at all (:class:`StoreError`) ends the loop with that error.
+        """
         self.adopt()
         while True:
-            report = self.run_pass()
+            if self.reload_requested.is_set() and reload is not None:
+                self.reload_requested.clear()
+                with self._guard("reload"):
+                    reload()
+            try:
+                report = self.run_pass()
+            except StoreUnwritable as err:
+                self._set_store_problem(str(err))
+                report = PassReport(blocked=str(err))
+            except StoreError:
+                raise
+            except Exception:  # a bug in a pass must not end the LMs' supervision: next pass
+                LOG.exception("pass failed; the next pass tries again")
+                report = PassReport()
             if report.started or report.finished:
                 LOG.info("pass: started %s, finished %s", report.started, report.finished)
             if once or self.stopping_requested.is_set():
@@ -806,6 +890,50 @@ class Factory:
             except queue.Empty:
                 continue
             self.events.put(uuid)  # handled by the next pass with everything else that is due
+
+    def request_reload(self) -> None:
+        """Ask :meth:`run` to call its ``reload`` before the next pass (SIGHUP)."""
+        self.reload_requested.set()
+        self.events.put("")
+
+    def reconfigure(self, config: Config, make: Callable[[str], Backend | None]) -> None:
+        """Use ``config`` from the next pass on. Backends it needs that are missing, or all of
+        them when the factory settings changed, are made anew with ``make(name)``, watched and
+        reattached to their running LMs. Running LMs of a machinetype that is gone run on and
+        are finalised as usual. The state directory and cgroup parent change only at a restart
+        (the store and the running LMs' cgroups live there)."""
+        old = self.config.factory
+        if (config.factory.state_dir, config.factory.cgroup_parent) != (
+            old.state_dir,
+            old.cgroup_parent,
+        ):
+            LOG.warning("factory.state_dir and factory.cgroup_parent change at a restart only")
+            config = replace(
+                config,
+                factory=replace(config.factory, state_dir=old.state_dir,
+                                cgroup_parent=old.cgroup_parent),
+            )  # fmt: skip
+        active = self.store.active()
+        needed = {mt.backend.value for mt in config.machinetypes.values()}
+        needed |= {record.backend for record in active}
+        remake = needed if config.factory != old else needed - set(self.backends)
+        backends = dict(self.backends)
+        for name in sorted(remake):
+            fresh = make(name)
+            if fresh is None:
+                continue  # not in this lmrunner; reported when the daemon started
+            if name in backends:
+                backends[name].close()
+            backends[name] = fresh
+            fresh.watch(self.events.put)
+            for record in active:
+                if record.backend == name and record.handle is not None:
+                    with self._guard(record.name), contextlib.suppress(MachineNotFound):
+                        fresh.recover(record.uuid, record.handle)
+                    self.events.put(record.uuid)
+            LOG.info("backend=%s: made anew for the new configuration", name)
+        self.backends = backends
+        self.config = config
 
     def request_stop(self) -> None:
         """Stop starting LMs and leave the loop; running LMs keep running (SIGTERM)."""
@@ -845,9 +973,45 @@ def _peak(record: LmRecord, usage: Usage | None) -> int | None:
     return max(usage.memory_bytes, record.memory_peak_bytes or 0)
 
 
-def _read_message(path: Path) -> str | None:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return None
-    return text if text.strip() else None
+def accounting_record(
+    record: LmRecord, usage: Usage | None, mt: MachinetypeConfig | None
+) -> AccountingRecord:
+    """The accounting record of an ended LM (``usage``: its cgroup's last counters, None when
+    not measured now; a record's own CPU figure still counts)."""
+    assert record.finished is not None
+    wall = 0.0 if record.started is None else max(record.finished - record.started, 0.0)
+    flags = set()
+    if record.started is None:
+        flags.add(Flag.FAILED)
+    elif mt is not None and wall < mt.fizzle_seconds:
+        flags.add(Flag.SHORT)
+    if usage is None and record.cpu_seconds is None:
+        flags.add(Flag.UNMEASURED)
+    oom_kills = 0 if usage is None else usage.oom_kills
+    outcome = record.outcome or start_failed_outcome("unknown")
+    if oom_kills or outcome.source is OutcomeSource.OOM:
+        flags.add(Flag.OOM)
+    fqan = mt.accounting_fqan if mt is not None else None
+    return AccountingRecord(
+        uuid=record.uuid,
+        name=record.name,
+        machinetype=record.machinetype,
+        backend=record.backend,
+        fqan=fqan,
+        vo=vo_of(fqan),
+        processors=record.processors,
+        # As the LM started: its limits hold the HS06 it was announced with.
+        hs06=None if record.limits.hs06 is None else record.limits.hs06 / record.processors,
+        created=record.created,
+        started=record.started,
+        finished=record.finished,
+        wall_seconds=wall,
+        cpu_seconds=record.cpu_seconds,
+        memory_peak_bytes=record.memory_peak_bytes,
+        oom_kills=oom_kills,
+        outcome_code=outcome.code,
+        outcome_text=outcome.text,
+        outcome_source=outcome.source.value,
+        flags=frozenset(flags),
+        memory_limit_bytes=record.limits.memory_bytes,
+    )

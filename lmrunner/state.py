@@ -7,6 +7,7 @@ The schema is versioned; :data:`MIGRATIONS` brings an older database up to date 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -27,7 +28,38 @@ DB_NAME = "lmrunner.db"
 
 
 class StoreError(LmrunnerError):
-    """The state database cannot be opened or is from a newer lmrunner."""
+    """The state database cannot be opened, read or written, or is from a newer lmrunner."""
+
+
+class StoreUnwritable(StoreError):
+    """A write failed for a reason that may pass (the filesystem is full or read-only, or the
+    database is locked); nothing of that write was stored, and the caller may retry later."""
+
+
+#: SQLite's primary result codes that mean "not now" rather than "broken" (sqlite3.h).
+_TRANSIENT = {5: "database locked", 8: "read-only", 10: "I/O error", 13: "disk full",
+              14: "cannot open a file"}  # fmt: skip
+
+
+def translate(err: sqlite3.Error, path: Path) -> StoreError:
+    """The project's error for an SQLite error on the database at ``path``."""
+    code = getattr(err, "sqlite_errorcode", None)
+    reason = _TRANSIENT.get(code & 0xFF) if isinstance(code, int) else None
+    if reason is not None:
+        return StoreUnwritable(f"{path}: cannot write the state database ({reason}): {err}")
+    return StoreError(f"{path}: state database error: {err}")
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose every statement raises the project's errors, not sqlite3's."""
+
+    path: Path = Path("?")
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.Error as err:
+            raise translate(err, self.path) from err
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,10 +204,14 @@ class Store:
                     f"file:{urllib.parse.quote(str(self.path))}?mode=ro",
                     uri=True,
                     isolation_level=None,
+                    factory=_Connection,
                 )
             else:
                 state_dir.mkdir(parents=True, exist_ok=True)
-                self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+                self.db = sqlite3.connect(
+                    self.path, isolation_level=None, timeout=30, factory=_Connection
+                )
+            self.db.path = self.path
         except sqlite3.Error as err:
             raise StoreError(f"{self.path}: cannot open the state database: {err}") from err
         self._cache: dict[str, tuple[int, LmRecord]] = {}
@@ -194,8 +230,9 @@ class Store:
                 self._migrate()
         except BaseException as err:
             self.db.close()
-            if isinstance(err, sqlite3.Error):
-                raise StoreError(f"{self.path}: cannot open the state database: {err}") from err
+            cause = err.__cause__ if isinstance(err, StoreError) else err
+            if isinstance(cause, sqlite3.Error):
+                raise StoreError(f"{self.path}: cannot open the state database: {cause}") from cause
             raise
 
     def close(self) -> None:
@@ -226,14 +263,19 @@ class Store:
 
     @contextmanager
     def write(self) -> Iterator[None]:
-        """One write transaction (BEGIN IMMEDIATE: no other writer can interleave)."""
+        """One write transaction (BEGIN IMMEDIATE: no other writer can interleave).
+
+        All of it is stored or none: a failed COMMIT (disk full) is rolled back too.
+        """
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # SQLite may have rolled back by itself already
+                with contextlib.suppress(StoreError):
+                    self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
 
     # --- meta -----------------------------------------------------------------------------
 
@@ -271,9 +313,11 @@ class Store:
                     self.db.execute(
                         f"INSERT INTO lms ({names}) VALUES ({marks})", tuple(row.values())
                     )
-                except sqlite3.IntegrityError as err:
+                except StoreError as err:
+                    if not isinstance(err.__cause__, sqlite3.IntegrityError):
+                        raise
                     what = f"slot {record.slot} is already held by an active LM"
-                    if "lms.uuid" in str(err):
+                    if "lms.uuid" in str(err.__cause__):
                         what = f"an LM with uuid {record.uuid} already exists"
                     raise StoreError(f"cannot insert {record.name}: {what}") from err
 
@@ -363,6 +407,25 @@ class Store:
             self._update(updated)
         return updated
 
+    def finish(
+        self,
+        uuid: str,
+        new: LmState,
+        accounting: Callable[[LmRecord], AccountingRecord],
+        **changes: Any,
+    ) -> LmRecord:
+        """End an LM: its state, outcome and accounting record (``accounting(updated record)``)
+        in one transaction, so a daemon killed at any point leaves both or neither."""
+        with self.write():
+            current = self.get(uuid)
+            if current is None:
+                raise StoreError(f"no LM with uuid {uuid}")
+            check_transition(current.state, new)
+            updated = replace(current, state=new, **changes)
+            self._update(updated)
+            self._insert_accounting(accounting(updated))
+        return updated
+
     def update(self, uuid: str, **changes: Any) -> LmRecord:
         """Change fields of an LM without changing its state."""
         if "state" in changes:
@@ -406,15 +469,27 @@ class Store:
 
     def add_accounting(self, record: AccountingRecord) -> bool:
         """Store an LM's accounting record unless it has one already; True when stored."""
+        with self.write():
+            return self._insert_accounting(record)
+
+    def _insert_accounting(self, record: AccountingRecord) -> bool:
         row = {f.name: getattr(record, f.name) for f in fields(AccountingRecord)}
         row["flags"] = ",".join(sorted(record.flags))
         names = ", ".join(row)
         marks = ", ".join("?" for _ in row)
-        with self.write():
-            done = self.db.execute(
-                f"INSERT OR IGNORE INTO accounting ({names}) VALUES ({marks})", tuple(row.values())
-            )
+        done = self.db.execute(
+            f"INSERT OR IGNORE INTO accounting ({names}) VALUES ({marks})", tuple(row.values())
+        )
         return done.rowcount == 1
+
+    def unaccounted(self) -> list[LmRecord]:
+        """Ended LMs without an accounting record (ended by an older lmrunner, which wrote the
+        record in a transaction of its own after the LM's end)."""
+        rows = self.db.execute(
+            "SELECT lms.* FROM lms LEFT JOIN accounting USING (uuid) "
+            "WHERE lms.state IN ('finished', 'failed') AND accounting.uuid IS NULL"
+        )
+        return [_from_row(row) for row in rows]
 
     def accounting(
         self, since: float | None = None, until: float | None = None

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from lmrunner import untrusted
 from lmrunner.cli.common import common_options, daemon_pid, open_store
 from lmrunner.errors import LmrunnerError
 from lmrunner.state import LmRecord, Store
@@ -85,11 +86,24 @@ def run_logs(args: argparse.Namespace) -> int:
     finally:
         store.close()
     shown = 0
-    for path in sorted([*record.directory.glob("*.log"), *record.directory.glob("joboutputs/*")]):
-        if path.is_file():
-            print(f"==> {path} <==")
-            sys.stdout.write(path.read_text(errors="replace"))
-            shown += 1
+    # The engine's logs (the LM directory's own) first, then what the payload left; all of it
+    # written by the payload, so read without following links and only so much of each.
+    logs = [n for n in untrusted.names(record.directory) if n.endswith(".log")]
+    outputs = [f"joboutputs/{n}" for n in untrusted.names(record.directory, "joboutputs")]
+    for name in [*logs, *outputs]:
+        path = record.directory / name
+        try:
+            got = untrusted.read(record.directory, name, untrusted.LOG_LIMIT, tail=True)
+        except (untrusted.UntrustedFileError, OSError) as err:
+            print(f"==> {path} <==\n(not shown: {err})")
+            continue
+        if got is None:
+            continue  # gone meanwhile
+        print(f"==> {path} <==")
+        if got.truncated:
+            print(f"… truncated: its last {untrusted.LOG_LIMIT // 1024} KiB")
+        sys.stdout.write(got.text())
+        shown += 1
     if shown == 0:
         print(f"lmrunner: {record.name} left no logs in {record.directory}", file=sys.stderr)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import logging
 import os
@@ -15,11 +16,12 @@ from typing import Any, TextIO
 
 from lmrunner import slots
 from lmrunner.backends import make_backends
+from lmrunner.backends.base import Backend
 from lmrunner.cli.common import common_options, load
 from lmrunner.config import Config
 from lmrunner.errors import ConfigError, LmrunnerError
 from lmrunner.factory import Factory, Tuning, host_cgroups
-from lmrunner.state import Store
+from lmrunner.state import Store, StoreError
 
 LOG = logging.getLogger("lmrunner.daemon")
 DEFAULTS = Tuning()
@@ -94,45 +96,59 @@ def run(args: argparse.Namespace) -> int:
             "backend=%s: not available in this lmrunner; its machinetypes will not start", name
         )
     for backend in backends.values():
-        probe = backend.probe()
-        LOG.info(
-            "backend=%s health=%s version=%s %s",
-            backend.name,
-            probe.health,
-            probe.version,
-            probe.detail,
-        )
+        _log_probe(backend)
     tuning = Tuning(max_starts_per_pass=args.max_starts, reconcile_seconds=args.reconcile)
     factory = Factory(config, store, backends, tuning=tuning, cgroups=cgroups)
 
-    def reload(signum: int, frame: FrameType | None) -> None:
+    def reload() -> None:
+        """Between two passes (SIGHUP only marks it): a half-applied configuration never
+        meets a pass."""
         try:
             new = load(args)
         except ConfigError as err:
             for line in err.errors:
                 LOG.error("reload refused, keeping the running configuration: %s", line)
             return
-        factory.config = new
+        for warning in new.warnings:
+            LOG.warning("%s", warning)
+
+        def make(name: str) -> Backend | None:
+            made = make_backends({name}, new.factory, cgroups).get(name)
+            if made is not None:
+                _log_probe(made)
+            return made
+
+        factory.reconfigure(new, make)
         LOG.info("configuration reloaded from %s", ", ".join(map(str, new.files)))
+
+    def hangup(signum: int, frame: FrameType | None) -> None:
+        factory.request_reload()
 
     def stop(signum: int, frame: FrameType | None) -> None:
         LOG.info("signal %d: no new LMs; exiting, running LMs keep running", signum)
         factory.request_stop()
 
-    signal.signal(signal.SIGHUP, reload)
+    signal.signal(signal.SIGHUP, hangup)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     if early_stop:
         stop(early_stop[0], None)
     store.set_meta("daemon_pid", str(os.getpid()))
     try:
-        factory.run(once=args.once)
+        factory.run(once=args.once, reload=reload)
     finally:
-        store.set_meta("daemon_pid", None)
+        with contextlib.suppress(StoreError):  # a broken store's own error is the one to show
+            store.set_meta("daemon_pid", None)
         factory.close()
         store.close()
         lock.close()
     return 0
+
+
+def _log_probe(backend: Backend) -> None:
+    probe = backend.probe()
+    LOG.info("backend=%s health=%s version=%s %s", backend.name, probe.health, probe.version,
+             probe.detail)  # fmt: skip
 
 
 def _exclusive(state_dir: Path) -> TextIO:

@@ -20,7 +20,7 @@ from lmrunner.backends.base import Handle, LmCgroup, MachineSpec
 from lmrunner.cgroups import CgroupController, CgroupRef, Usage
 from lmrunner.config import Config
 from lmrunner.errors import CgroupError, CgroupUnsupported, SpecError
-from lmrunner.factory import Factory, cgroup_name, host_cgroups
+from lmrunner.factory import Factory, accounting_record, cgroup_name, host_cgroups
 from lmrunner.lifecycle import LmState, OutcomeSource
 from lmrunner.state import LmRecord
 from tests.unit.test_factory import LM0, T0, TUNING, Env, QuietFake
@@ -537,7 +537,8 @@ def test_accounting_is_never_duplicated(env: Env, cgroups: FakeCgroups) -> None:
     env.pass_at(made, 102)
     assert env.store.accounting() == [row]
     # Accounting the same LM again (a retried finalisation) keeps the first record.
-    made._account(done, replace(USED, cpu_seconds=99.0), config.machinetypes["alpha"])
+    again = accounting_record(done, replace(USED, cpu_seconds=99.0), config.machinetypes["alpha"])
+    assert env.store.add_accounting(again) is False
     assert env.store.accounting() == [row]
     assert env.store.add_accounting(replace(row, cpu_seconds=1.0)) is False
     assert env.store.accounting() == [row]

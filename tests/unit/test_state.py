@@ -22,7 +22,7 @@ from lmrunner.lifecycle import (
     heartbeat_outcome,
 )
 from lmrunner.model import Limits
-from lmrunner.state import DB_NAME, MIGRATIONS, SCHEMA_VERSION, LmRecord, Store, StoreError
+from lmrunner.state import DB_NAME, MIGRATIONS, SCHEMA_VERSION, LmRecord, Store, StoreError, StoreUnwritable
 
 S = LmState
 GIB = 1024**3
@@ -217,9 +217,9 @@ def test_read_only_store_sees_a_live_writer(tmp_path: Path) -> None:
         assert got is not None
         assert got.state is S.STARTING
         assert [r.uuid for r in reader.active()] == ["a", "b"]
-        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        with pytest.raises(StoreUnwritable, match="readonly"):
             reader.add_request("b", "kill")
-        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        with pytest.raises(StoreUnwritable, match="readonly"):
             reader.take_requests()
         assert writer.take_requests() == [("a", "stop", 30.0)]  # the reader took nothing
     finally:
