@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
-from lmrunner import atomic, runner
+from lmrunner import atomic, runner, untrusted
 from lmrunner.backends.base import (
     LABEL_FACTORY,
     LABEL_NAME,
@@ -116,6 +116,16 @@ HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LOG_LIMIT_BYTES = 4 * 1024 * 1024
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 VERSION = re.compile(r"^(apptainer|singularity-ce|singularity) version v?((\d+)\.(\d+)\S*)")
+#: What the host and the data this backend keeps can raise: OSError from files, /proc and
+#: signals; ValueError, TypeError and KeyError from a handle or record of the wrong shape (torn,
+#: hand-edited, or an older version's); UntrustedFileError from a folder the LM's account writes.
+HOST_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    ValueError,
+    TypeError,
+    KeyError,
+    untrusted.UntrustedFileError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +167,12 @@ class LmPaths:
 
 
 class ApptainerBackend:
-    """Apptainer (or Singularity) containers as logical machines."""
+    """Apptainer (or Singularity) containers as logical machines.
+
+    No OSError, and no error of a corrupt handle or record, leaves a method of the protocol: each
+    is raised again as a :class:`~lmrunner.errors.BackendError` naming the LM
+    (:meth:`_host_errors`).
+    """
 
     name: ClassVar[str] = "apptainer"
     placement: ClassVar[Placement] = PLACEMENT
@@ -197,6 +212,13 @@ class ApptainerBackend:
         return 0  # the LM's processes are all there is
 
     def probe(self) -> Probe:
+        try:
+            return self._probe()
+        except Exception as err:  # the contract: never raises; a surprise is a reason, logged
+            LOG.exception("apptainer: the probe failed unexpectedly")
+            return Probe(Health.UNAVAILABLE, None, f"unavailable: {type(err).__name__}: {err}")
+
+    def _probe(self) -> Probe:
         binary = self._binary()
         if binary is None:
             places = ", ".join(str(d) for d in self._search_dirs)
@@ -221,7 +243,7 @@ class ApptainerBackend:
             return Probe(Health.UNAVAILABLE, shown, f"unavailable: {text}; lmrunner needs {wanted}")
         try:
             account = pwd.getpwnam(self.factory.sc_user)
-        except KeyError:
+        except (KeyError, ValueError):  # ValueError: a name holding a NUL
             return Probe(
                 Health.UNAVAILABLE, shown, f"unavailable: factory.sc_user {self.factory.sc_user!r} "
                 "is no account on this host"
@@ -236,6 +258,12 @@ class ApptainerBackend:
 
     def validate(self, spec: MachineSpec) -> None:
         where = f"apptainer: machinetype {spec.machinetype}"
+        try:
+            self._validate(where, spec)
+        except OSError as err:  # a path that cannot even be looked at (too long, no access)
+            raise SpecError(f"{where}: {err}") from err
+
+    def _validate(self, where: str, spec: MachineSpec) -> None:
         uid, gid = spec.owner
         if uid == 0:
             raise SpecError(f"{where}: LMs never run as root (factory.sc_user)")
@@ -269,6 +297,13 @@ class ApptainerBackend:
         _check_reachable(where, spec.directory, uid, gid, "the LM directory")
 
     def start(self, spec: MachineSpec) -> Handle:
+        with self._host_errors(f"cannot start {spec.name}", StartError):
+            return self._start(spec)
+
+    def _start(self, spec: MachineSpec) -> Handle:
+        if not _is_uuid(spec.uuid):  # it names the record: refused before any side effect
+            raise StartError(self.name, f"cannot start {spec.name}: not an LM uuid: {spec.uuid!r}")
+        record_file = self._record(spec.uuid)
         binary = self._binary()
         if binary is None:
             raise StartError(self.name, "neither apptainer nor singularity is installed")
@@ -310,7 +345,7 @@ class ApptainerBackend:
             # No fsync: it must outlive a crashed daemon (the page cache does), and a crashed host
             # takes the LM with it. Written after the spawn, off the LM's start-up path.
             text = json.dumps(record)
-            atomic.write_text(self._record(spec.uuid), text, mode=0o600, durable=False)
+            atomic.write_text(record_file, text, mode=0o600, durable=False)
         except OSError as err:  # nothing may be left behind: the LM goes with its record
             with contextlib.suppress(BackendError):
                 self._kill(spec.uuid, Handle(HANDLE_VERSION, data))
@@ -319,18 +354,23 @@ class ApptainerBackend:
         return Handle(HANDLE_VERSION, data, {"pid": str(process.pid)})
 
     def recover(self, uuid: str, handle: Handle) -> None:
-        process = _process(handle)
-        if process is None or not self._supervisor.adopt(uuid, process):
-            raise MachineNotFound(self.name, f"LM {uuid}: its apptainer process has ended")
+        with self._host_errors(f"cannot reattach to LM {uuid}"):
+            process = _process(handle)
+            if process is None or not self._supervisor.adopt(uuid, process):
+                raise MachineNotFound(self.name, f"LM {uuid}: its apptainer process has ended")
 
     def inspect(self, uuid: str, handle: Handle) -> Status:
+        with self._host_errors(f"cannot inspect LM {uuid}"):
+            return self._inspect(uuid, handle)
+
+    def _inspect(self, uuid: str, handle: Handle) -> Status:
         process = _process(handle)
         if process is not None and alive(process):
             return Status(EngineState.RUNNING)
         if not self._record(uuid).exists():
             return Status(EngineState.MISSING, detail="no apptainer LM with this uuid")
-        directory = handle.data.get("directory")
-        paths = LmPaths(Path(directory)) if directory else None
+        directory = _directory(handle)
+        paths = LmPaths(directory) if directory is not None else None
         status = read_status(paths.status) if paths is not None else None
         with self._lock:
             reaping = uuid in self._running
@@ -359,6 +399,10 @@ class ApptainerBackend:
         )
 
     def stop(self, uuid: str, handle: Handle, *, force: bool = False) -> None:
+        with self._host_errors(f"cannot stop LM {uuid}"):
+            self._stop(uuid, handle, force=force)
+
+    def _stop(self, uuid: str, handle: Handle, *, force: bool) -> None:
         if force:
             self._kill(uuid, handle)
             return
@@ -373,19 +417,20 @@ class ApptainerBackend:
             _signal_group(process, signal.SIGTERM)
 
     def destroy(self, uuid: str, handle: Handle) -> None:
-        self._kill(uuid, handle)
-        directory = handle.data.get("directory")
-        if directory is None:
-            with contextlib.suppress(OSError):
-                record = json.loads(self._record(uuid).read_text())
-                directory = record.get("directory")
-        if directory:
-            paths = LmPaths(Path(directory))
-            _remove_quietly(paths)
-            _keep_tail(paths.log, LOG_LIMIT_BYTES)
-        self._record(uuid).unlink(missing_ok=True)
+        with self._host_errors(f"cannot destroy LM {uuid}"):
+            self._kill(uuid, handle)
+            directory = _directory(handle) or self._recorded_directory(uuid)
+            if directory is not None:
+                paths = LmPaths(directory)
+                _remove(paths)
+                _keep_tail(paths.log, LOG_LIMIT_BYTES)
+            self._record(uuid).unlink(missing_ok=True)
 
     def list_owned(self) -> list[Owned]:
+        with self._host_errors("cannot list LMs"):
+            return self._list_owned()
+
+    def _list_owned(self) -> list[Owned]:
         owned: dict[str, Owned] = {}
         for file in sorted(self.state_dir.glob("*.json")):
             if not _is_uuid(file.stem):
@@ -426,6 +471,28 @@ class ApptainerBackend:
             self._notify = None
 
     # --- internals ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _host_errors(self, what: str, error: type[BackendError] = BackendError) -> Iterator[None]:
+        """Raise :data:`HOST_ERRORS` met while doing ``what`` as ``error`` (chained): the one
+        place they become lmrunner's. lmrunner's own errors pass unchanged."""
+        try:
+            yield
+        except HOST_ERRORS as err:
+            raise error(self.name, f"{what}: {err}") from err
+
+    def _recorded_directory(self, uuid: str) -> Path | None:
+        """The LM directory named in the LM's record; None when there is no record, or one that
+        cannot be read (destroy goes on without it: the core removes the directory later)."""
+        try:
+            record = json.loads(self._record(uuid).read_text())
+            directory = record.get("directory")
+            return Path(directory) if isinstance(directory, str) and directory else None
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, AttributeError) as err:
+            LOG.warning("apptainer: lm=%s: unreadable record: %s", uuid, err)
+            return None
 
     def _exited(self, uuid: str) -> None:
         """The supervisor saw an LM's process end (and recorded its status when it could)."""
@@ -674,12 +741,14 @@ def labels_in_environ(data: bytes) -> dict[str, str] | None:
         return None
     try:
         config = json.loads("".join(chunks[i] for i in sorted(chunks)))
-    except ValueError:
+        found = next(
+            (d for d in _dicts(config) if isinstance(d.get(LABEL_ENV[LABEL_UUID]), str)), None
+        )
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than any engine's config
         return None
-    for found in _dicts(config):
-        if isinstance(found.get(LABEL_ENV[LABEL_UUID]), str):
-            return {k: str(found[k]) for k in names if isinstance(found.get(k), str)}
-    return None
+    if found is None:
+        return None
+    return {k: str(found[k]) for k in names if isinstance(found.get(k), str)}
 
 
 def _dicts(value: Any) -> Iterator[dict[str, Any]]:
@@ -711,6 +780,20 @@ def _process(handle: Handle) -> ProcessId | None:
     if pid is None or ticks is None:
         return None
     return ProcessId(int(pid), int(ticks))
+
+
+def _directory(handle: Handle) -> Path | None:
+    """The LM directory named in a handle (None for an orphan's handle).
+
+    Raises:
+        TypeError: the handle holds something else there.
+    """
+    directory = handle.data.get("directory")
+    if directory is None or directory == "":
+        return None
+    if not isinstance(directory, str):
+        raise TypeError(f"the handle's directory is not a path: {directory!r}")
+    return Path(directory)
 
 
 def _cgroup(handle: Handle) -> CgroupRef | None:
@@ -774,12 +857,24 @@ def _permits(
     return bool(info.st_mode & other)
 
 
-def _remove_quietly(paths: LmPaths) -> None:
-    """Remove what this backend made for an LM that holds data (workdir, unpacked images)."""
+def _remove(paths: LmPaths) -> None:
+    """Remove what this backend made for an LM that holds data (workdir, unpacked images).
+
+    Raises:
+        OSError, UntrustedFileError: something could not be removed.
+    """
     for folder in (paths.workdir, paths.tmpdir):
-        shutil.rmtree(folder, ignore_errors=True)
+        untrusted.remove_tree(folder)  # the LM's account writes there: never follow its links
     for file in (paths.env_file, paths.env_hook):
         file.unlink(missing_ok=True)
+
+
+def _remove_quietly(paths: LmPaths) -> None:
+    """:func:`_remove` after a failed start, where the start's own error must be what is told."""
+    try:
+        _remove(paths)
+    except (OSError, untrusted.UntrustedFileError) as err:
+        LOG.warning("apptainer: cannot remove what was made in %s: %s", paths.directory, err)
 
 
 def _keep_tail(path: Path, limit: int) -> None:

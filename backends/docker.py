@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,7 +21,9 @@ from typing import Any, ClassVar
 import docker
 import docker.errors
 import requests
+import urllib3.exceptions
 
+from lmrunner import atomic
 from lmrunner.backends.base import (
     LABEL_FACTORY,
     LABEL_NAME,
@@ -34,7 +36,14 @@ from lmrunner.backends.base import (
     Probe,
     Status,
 )
-from lmrunner.errors import BackendUnavailable, MachineNotFound, SpecError, StartError
+from lmrunner.errors import (
+    BackendError,
+    BackendUnavailable,
+    LmrunnerError,
+    MachineNotFound,
+    SpecError,
+    StartError,
+)
 from lmrunner.model import ETC_PLACEMENT, Placement
 
 LOG = logging.getLogger(__name__)
@@ -46,11 +55,26 @@ MIN_API = (1, 40)  # Docker 19.03: nano_cpus, pids_limit, events with label filt
 #: do not need; a machinetype adds more with `capabilities:` (and `lmrunner check` warns).
 DEFAULT_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
                         "NET_BIND_SERVICE", "SYS_CHROOT")  # fmt: skip
+#: What destroy keeps of the payload's output in ``<LM dir>/container.log`` (its end).
 LOG_LIMIT_BYTES = 4 * 1024 * 1024
+LOG_TAIL_LINES = 5000
+#: What the Docker SDK lets out: its own errors; requests' (OSErrors, like the socket's own);
+#: urllib3's when a streamed answer breaks off (events, logs); ValueError for an answer that is
+#: not the JSON it should be.
+ENGINE_ERRORS: tuple[type[Exception], ...] = (
+    docker.errors.DockerException,
+    OSError,
+    urllib3.exceptions.HTTPError,
+    ValueError,
+)
 
 
 class DockerBackend:
-    """Docker containers as logical machines."""
+    """Docker containers as logical machines.
+
+    No exception of the SDK or its transport leaves a method of the protocol: each is raised
+    again as a :class:`~lmrunner.errors.BackendError` naming the LM (:meth:`_engine_errors`).
+    """
 
     name: ClassVar[str] = "docker"
     placement: ClassVar[Placement] = PLACEMENT
@@ -68,11 +92,11 @@ class DockerBackend:
 
     @property
     def client(self) -> Any:
+        """The connection to dockerd, made at first use. Raises what the SDK raises: every use
+        is inside :meth:`_engine_errors` (or catches :data:`ENGINE_ERRORS`), which names what
+        was being done."""
         if self._client is None:
-            try:
-                self._client = self._client_factory()
-            except docker.errors.DockerException as err:
-                raise BackendUnavailable(self.name, f"cannot connect to Docker: {err}") from err
+            self._client = self._client_factory()
         return self._client
 
     # --- the protocol ---------------------------------------------------------------------------
@@ -82,38 +106,10 @@ class DockerBackend:
 
     def probe(self) -> Probe:
         try:
-            version = self.client.version()
-        except (
-            docker.errors.DockerException,
-            BackendUnavailable,
-            requests.RequestException,
-        ) as err:
-            return Probe(Health.UNAVAILABLE, None, f"unavailable: {err}")
-        api = tuple(int(part) for part in str(version.get("ApiVersion", "0.0")).split(".")[:2])
-        if api < MIN_API:
-            need = ".".join(map(str, MIN_API))
-            return Probe(
-                Health.UNAVAILABLE,
-                version.get("Version"),
-                f"unavailable: API {api} older than {need}",
-            )
-        try:
-            driver = str(self.client.info().get("CgroupDriver", "cgroupfs"))
-        except (docker.errors.DockerException, requests.RequestException) as err:
-            return Probe(Health.UNAVAILABLE, version.get("Version"), f"unavailable: {err}")
-        if driver == "systemd":
-            # Containers go inside their LM's cgroup (a path), which systemd's driver refuses.
-            return Probe(
-                Health.UNAVAILABLE,
-                version.get("Version"),
-                "unavailable: dockerd uses the systemd cgroup driver; lmrunner needs "
-                "--exec-opt native.cgroupdriver=cgroupfs",
-            )
-        return Probe(
-            Health.OK,
-            version.get("Version"),
-            f"API {version.get('ApiVersion')}, cgroup driver {driver}",
-        )
+            return self._probe()
+        except Exception as err:  # the contract: never raises; a surprise is a reason, logged
+            LOG.exception("docker: the probe failed unexpectedly")
+            return Probe(Health.UNAVAILABLE, None, f"unavailable: {type(err).__name__}: {err}")
 
     def validate(self, spec: MachineSpec) -> None:
         image = _image(spec.image)
@@ -127,10 +123,15 @@ class DockerBackend:
 
     def start(self, spec: MachineSpec) -> Handle:
         image = _image(spec.image)
-        self._ensure_image(image)
-        capabilities = sorted({*DEFAULT_CAPABILITIES, *spec.options.get("capabilities", ())})
         try:
-            container = self.client.containers.create(
+            client = self.client
+        except ENGINE_ERRORS as err:
+            why = f"cannot connect to Docker to start {spec.name}: {err}"
+            raise StartError(self.name, why, recoverable=True) from err
+        self._ensure_image(image, spec.name)
+        capabilities = sorted({*DEFAULT_CAPABILITIES, *spec.options.get("capabilities", ())})
+        with self._engine_errors(f"cannot create the container of {spec.name}", StartError):
+            container = client.containers.create(
                 image,
                 list(spec.command),
                 name=f"{spec.name}_{spec.uuid[:8]}",  # LM names are reused slot by slot
@@ -158,90 +159,97 @@ class DockerBackend:
                 privileged=False,
                 detach=True,
             )
-        except (docker.errors.DockerException, requests.RequestException) as err:
-            raise StartError(
-                self.name, f"cannot create the container of {spec.name}: {err}"
-            ) from err
         try:
-            container.start()
-        except (docker.errors.DockerException, requests.RequestException) as err:
-            _remove_quietly(container)
-            raise StartError(
-                self.name, f"cannot start the container of {spec.name}: {err}"
-            ) from err
-        data = {"id": container.id, "directory": str(spec.directory)}
-        return Handle(HANDLE_VERSION, data, {"container": str(container.id)[:12]})
+            with self._engine_errors(f"cannot start the container of {spec.name}", StartError):
+                container.start()
+                container_id = str(container.id)
+        except StartError:
+            try:
+                self._remove(spec.uuid, container)
+            except BackendError as err:  # it carries our labels: a reconcile removes it
+                LOG.warning("lm=%s: %s", spec.name, err)
+            raise
+        data = {"id": container_id, "directory": str(spec.directory)}
+        return Handle(HANDLE_VERSION, data, {"container": container_id[:12]})
 
     def recover(self, uuid: str, handle: Handle) -> None:
-        self._container(handle)  # raises MachineNotFound when it is gone
+        self._container(uuid, handle)  # raises MachineNotFound when it is gone
 
     def inspect(self, uuid: str, handle: Handle) -> Status:
         try:
-            container = self._container(handle)
+            container = self._container(uuid, handle)
         except MachineNotFound:
             return Status(EngineState.MISSING, detail="container not found")
-        state = container.attrs.get("State", {})
+        attrs = getattr(container, "attrs", None)
+        state = attrs.get("State") if isinstance(attrs, dict) else None
+        if not isinstance(state, dict):
+            raise BackendError(
+                self.name, f"LM {uuid}: Docker tells no state of container {container.id!s:.12}"
+            )
         if state.get("Running") or state.get("Status") in ("created", "restarting"):
             return Status(EngineState.RUNNING)
         ended = _timestamp(state.get("FinishedAt"))
         interrupted = None
         code = state.get("ExitCode")
+        code = code if isinstance(code, int) and not isinstance(code, bool) else None
+        oom_killed = state.get("OOMKilled") is True
         if ended is not None and any(start - 5 <= ended <= end for start, end in self._outages):
             # It died while dockerd was down or restarting: the site's doing, not the payload's.
             interrupted = "Docker daemon restarted while the LM ran"
-        elif code in (137, 143) and not state.get("OOMKilled"):
+        elif code in (137, 143) and not oom_killed:
             # Its init died of (or passed on) SIGTERM/SIGKILL that lmrunner did not send (when
             # lmrunner stops an LM, its own reason wins): dockerd stopping, or an admin.
             interrupted = f"Stopped from outside lmrunner (exit status {code}: dockerd or an admin)"
         return Status(
             EngineState.EXITED,
             exit_code=code,
-            oom_killed=bool(state.get("OOMKilled")),
+            oom_killed=oom_killed,
             ended_at=ended,
-            detail=state.get("Error") or "",
+            detail=str(state.get("Error") or ""),
             interrupted=interrupted,
         )
 
     def stop(self, uuid: str, handle: Handle, *, force: bool = False) -> None:
         try:
-            # kill() with a signal returns at once; container.stop() would block for the grace.
-            self._container(handle).kill(signal="SIGKILL" if force else "SIGTERM")
+            container = self._container(uuid, handle)
         except MachineNotFound:
             return
-        except docker.errors.APIError as err:
-            if err.status_code != 409:  # 409: not running any more; its exit is on its way
-                raise
+        with self._engine_errors(f"cannot signal the container of LM {uuid}"):
+            try:
+                # kill() with a signal returns at once; container.stop() would block for the grace.
+                container.kill(signal="SIGKILL" if force else "SIGTERM")
+            except docker.errors.NotFound:
+                return  # removed meanwhile
+            except docker.errors.APIError as err:
+                if err.status_code != 409:  # 409: not running any more; its exit is on its way
+                    raise
 
     def destroy(self, uuid: str, handle: Handle) -> None:
         try:
-            container = self._container(handle)
+            container = self._container(uuid, handle)
         except MachineNotFound:
             return
         directory = handle.data.get("directory")
-        if directory and Path(directory).is_dir():
-            try:  # keep what the payload printed, for `lmrunner logs`
-                logs = container.logs(stdout=True, stderr=True, tail=5000)[-LOG_LIMIT_BYTES:]
-                (Path(directory) / "container.log").write_bytes(logs)
-            except (docker.errors.DockerException, OSError) as err:
-                LOG.warning("lm=%s: cannot keep the container's log: %s", uuid, err)
-        _remove_quietly(container)
+        if isinstance(directory, str) and directory:
+            self._keep_log(uuid, container, Path(directory))
+        self._remove(uuid, container)
 
     def list_owned(self) -> list[Owned]:
-        try:
+        with self._engine_errors("cannot list containers", BackendUnavailable):
             containers = self._retrying(
-                lambda client: client.containers.list(all=True, filters={"label": LABEL_FACTORY})
+                lambda client: client.containers.list(
+                    all=True, filters={"label": LABEL_FACTORY}, ignore_removed=True
+                )
             )
-        except (docker.errors.DockerException, requests.RequestException) as err:
-            raise BackendUnavailable(self.name, f"cannot list containers: {err}") from err
-        return [
-            Owned(
-                c.labels.get(LABEL_UUID, ""),
-                c.labels.get(LABEL_NAME, ""),
-                c.labels.get(LABEL_FACTORY, ""),
-                Handle(HANDLE_VERSION, {"id": c.id}, {"container": str(c.id)[:12]}),
-            )
-            for c in containers
-        ]
+            return [
+                Owned(
+                    str(c.labels.get(LABEL_UUID, "")),
+                    str(c.labels.get(LABEL_NAME, "")),
+                    str(c.labels.get(LABEL_FACTORY, "")),
+                    Handle(HANDLE_VERSION, {"id": str(c.id)}, {"container": str(c.id)[:12]}),
+                )
+                for c in containers
+            ]
 
     def watch(self, notify: Callable[[str], None]) -> None:
         if self._thread is None:
@@ -252,15 +260,61 @@ class DockerBackend:
 
     def close(self) -> None:
         self._closed.set()
-        if self._client is not None:
-            self._client.close()
+        client, self._client = self._client, None
+        if client is not None:
+            with self._engine_errors("cannot close the connection to Docker"):
+                client.close()
 
     # --- internals --------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _engine_errors(self, what: str, error: type[BackendError] = BackendError) -> Iterator[None]:
+        """Raise what the SDK raises while doing ``what`` as ``error`` (chained): the one place
+        Docker's errors become lmrunner's. lmrunner's own errors pass unchanged."""
+        try:
+            yield
+        except ENGINE_ERRORS as err:
+            raise error(self.name, f"{what}: {err}") from err
+
+    def _probe(self) -> Probe:
+        version: str | None = None
+        try:
+            with self._engine_errors("cannot connect to Docker", BackendUnavailable):
+                client = self.client
+            with self._engine_errors("cannot ask Docker its version", BackendUnavailable):
+                answer = client.version()
+            facts = answer if isinstance(answer, dict) else {}
+            version = str(facts["Version"]) if "Version" in facts else None
+            api = _api_version(facts.get("ApiVersion"))
+            if api < MIN_API:
+                need = ".".join(map(str, MIN_API))
+                shown = ".".join(map(str, api))
+                return Probe(
+                    Health.UNAVAILABLE, version, f"unavailable: API {shown} older than {need}"
+                )
+            with self._engine_errors("cannot ask Docker its cgroup driver", BackendUnavailable):
+                info = client.info()
+        except LmrunnerError as err:
+            return Probe(Health.UNAVAILABLE, version, f"unavailable: {err}")
+        driver = str(info.get("CgroupDriver", "cgroupfs")) if isinstance(info, dict) else "?"
+        if driver == "systemd":
+            # Containers go inside their LM's cgroup (a path), which systemd's driver refuses.
+            return Probe(
+                Health.UNAVAILABLE,
+                version,
+                "unavailable: dockerd uses the systemd cgroup driver; lmrunner needs "
+                "--exec-opt native.cgroupdriver=cgroupfs",
+            )
+        return Probe(Health.OK, version, f"API {'.'.join(map(str, api))}, cgroup driver {driver}")
+
     def _watch(self, notify: Callable[[str], None]) -> None:
-        """Follow Docker's events; after a break (dockerd restart), tell the core to look at all."""
+        """Follow Docker's events; after a break (dockerd restart), tell the core to look at all.
+
+        Every error of the engine (or of an event of a strange shape) only breaks the stream,
+        which is made again: this thread must not end while the backend is open.
+        """
         lost_at: float | None = None
-        errors = (docker.errors.DockerException, requests.RequestException, BackendUnavailable)
+        errors: tuple[type[Exception], ...] = (*ENGINE_ERRORS, LmrunnerError)
         while not self._closed.is_set():
             try:
                 client = self._client_factory()  # its own connection: the stream blocks it
@@ -275,10 +329,9 @@ class DockerBackend:
                         notify(owned.uuid)
                     lost_at = None
                 for event in stream:
-                    if event.get("status") in ("die", "oom", "destroy", "kill"):
-                        uuid = event.get("Actor", {}).get("Attributes", {}).get(LABEL_UUID)
-                        if uuid:
-                            notify(uuid)
+                    uuid = _ended_uuid(event)
+                    if uuid:
+                        notify(uuid)
                     if self._closed.is_set():
                         return
                 problem = "the stream ended"  # dockerd stopped
@@ -298,44 +351,105 @@ class DockerBackend:
             self._client = None
             return call(self.client)
 
-    def _container(self, handle: Handle) -> Any:
+    def _container(self, uuid: str, handle: Handle) -> Any:
+        """The LM's container (its id is in the handle).
+
+        Raises:
+            MachineNotFound: Docker has no such container.
+            BackendUnavailable: Docker does not answer (or answers with an error).
+            BackendError: the handle names no container (corrupt, or not Docker's).
+        """
+        container_id = handle.data.get("id")
+        if not isinstance(container_id, str) or not container_id:
+            raise BackendError(self.name, f"LM {uuid}: its handle names no container")
         try:
-            return self._retrying(lambda client: client.containers.get(handle.data["id"]))
+            return self._retrying(lambda client: client.containers.get(container_id))
         except docker.errors.NotFound as err:
             raise MachineNotFound(
-                self.name, f"container {handle.data['id'][:12]} not found"
+                self.name, f"LM {uuid}: container {container_id[:12]} not found"
             ) from err
-        except (docker.errors.DockerException, requests.RequestException) as err:
-            raise BackendUnavailable(self.name, f"cannot reach Docker: {err}") from err
+        except ENGINE_ERRORS as err:
+            raise BackendUnavailable(
+                self.name, f"LM {uuid}: cannot look up container {container_id[:12]}: {err}"
+            ) from err
 
-    def _ensure_image(self, image: str) -> None:
-        """Pull only when the image is absent, and say clearly when that cannot work."""
+    def _remove(self, uuid: str, container: Any) -> None:
+        """Remove the container, running or not; one already gone is success."""
+        with (
+            self._engine_errors(f"cannot remove the container of LM {uuid}"),
+            contextlib.suppress(docker.errors.NotFound),
+        ):
+            container.remove(force=True)
+
+    def _keep_log(self, uuid: str, container: Any, directory: Path) -> None:
+        """Keep the end of what the payload printed in ``container.log`` of the LM directory
+        (for ``lmrunner logs``). Best effort: the container goes in any case.
+
+        The LM directory belongs to root and no payload writes it, so a plain atomic write
+        will do; what is kept is bounded, and so is what is held in memory meanwhile.
+        """
+        try:
+            if not directory.is_dir():
+                return
+            with self._engine_errors(f"cannot read the log of LM {uuid}"):
+                chunks = container.logs(
+                    stdout=True, stderr=True, stream=True, follow=False, tail=LOG_TAIL_LINES
+                )
+                data = _last_bytes(chunks, LOG_LIMIT_BYTES)
+            atomic.write_bytes(directory / "container.log", data, durable=False)
+        except (BackendError, OSError) as err:
+            LOG.warning("lm=%s: cannot keep the container's log: %s", uuid, err)
+
+    def _ensure_image(self, image: str, name: str) -> None:
+        """Pull only when the image is absent, and say clearly when that cannot work (for LM
+        ``name``)."""
         try:
             self.client.images.get(image)
             return
         except docker.errors.ImageNotFound:
             pass
-        except (docker.errors.DockerException, requests.RequestException) as err:
+        except ENGINE_ERRORS as err:
             raise StartError(
-                self.name, f"cannot look up image {image}: {err}", recoverable=True
+                self.name, f"cannot look up image {image} for {name}: {err}", recoverable=True
             ) from err
         LOG.info("docker: pulling %s", image)
-        try:
+        with self._engine_errors(
+            f"image {image} is not here and cannot be pulled for {name} (no registry reachable?)",
+            StartError,
+        ):
             self.client.images.pull(image)
-        except (docker.errors.DockerException, requests.RequestException) as err:
-            raise StartError(
-                self.name,
-                f"image {image} is not here and cannot be pulled (no registry reachable?): {err}",
-            ) from err
 
 
 def _image(image: str) -> str:
     return image.removeprefix("docker://")
 
 
-def _remove_quietly(container: Any) -> None:
-    with contextlib.suppress(docker.errors.NotFound):
-        container.remove(force=True)
+def _api_version(value: Any) -> tuple[int, ...]:
+    """``"1.41"`` -> ``(1, 41)``; ``(0, 0)`` for anything that is no API version."""
+    parts = str(value).split(".")[:2]
+    if len(parts) != 2 or not all(part.isdecimal() for part in parts):
+        return (0, 0)
+    return tuple(int(part) for part in parts)
+
+
+def _ended_uuid(event: Any) -> str | None:
+    """The uuid label of the container a Docker event says may have ended, else None."""
+    if not isinstance(event, dict) or event.get("status") not in ("die", "oom", "destroy", "kill"):
+        return None
+    actor = event.get("Actor")
+    attributes = actor.get("Attributes") if isinstance(actor, dict) else None
+    uuid = attributes.get(LABEL_UUID) if isinstance(attributes, dict) else None
+    return uuid if isinstance(uuid, str) and uuid else None
+
+
+def _last_bytes(chunks: Iterable[bytes], limit: int) -> bytes:
+    """The last ``limit`` bytes of a stream, holding at most twice that meanwhile."""
+    kept = bytearray()
+    for chunk in chunks:
+        kept += chunk
+        if len(kept) > 2 * limit:
+            del kept[:-limit]
+    return bytes(kept[-limit:])
 
 
 def _timestamp(value: Any) -> float | None:

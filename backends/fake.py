@@ -9,10 +9,11 @@ At a natural end the fake writes ``message`` into joboutputs/shutdown_message, a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,10 +30,19 @@ from lmrunner.backends.base import (
     Probe,
     Status,
 )
-from lmrunner.errors import MachineNotFound, SpecError, StartError
+from lmrunner.errors import BackendError, MachineNotFound, SpecError, StartError
 from lmrunner.model import ETC_PLACEMENT, Placement
 
 HANDLE_VERSION = 1
+#: What its engine folder can raise: OSError from the files, and ValueError, TypeError,
+#: KeyError and AttributeError from an entry of the wrong shape (hand-edited, or an older one's).
+HOST_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +86,8 @@ def parse_image(image: str) -> Script:
 
 
 class FakeBackend:
-    """LMs as files plus time; see the module docstring."""
+    """LMs as files plus time; see the module docstring. Like the real backends, it raises only
+    lmrunner's errors (:meth:`_host_errors`)."""
 
     name: ClassVar[str] = "fake"
     placement: ClassVar[Placement] = ETC_PLACEMENT
@@ -104,7 +115,11 @@ class FakeBackend:
         script = parse_image(spec.image)
         if script.fail_start:
             raise StartError(self.name, f"scripted start failure for {spec.name}")
-        joboutputs = next(m.source for m in spec.mounts if m.target == self.placement.joboutputs)
+        joboutputs = next(
+            (m.source for m in spec.mounts if m.target == self.placement.joboutputs), None
+        )
+        if joboutputs is None:
+            raise StartError(self.name, f"cannot start {spec.name}: it has no joboutputs mount")
         entry = {
             "uuid": spec.uuid,
             "name": spec.name,
@@ -115,17 +130,23 @@ class FakeBackend:
             "stop_at": None,
             "killed_at": None,
         }
-        self.engine_dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(self._file(spec.uuid), json.dumps(entry))
+        with self._host_errors(f"cannot start {spec.name}", StartError):
+            self.engine_dir.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(self._file(spec.uuid), json.dumps(entry))
         self._wake.set()
         return Handle(HANDLE_VERSION, {"uuid": spec.uuid})
 
     def recover(self, uuid: str, handle: Handle) -> None:
-        if self._load(uuid) is None:
-            raise MachineNotFound(self.name, f"no fake LM {uuid}")
+        with self._host_errors(f"cannot reattach to LM {uuid}"):
+            if self._load(uuid) is None:
+                raise MachineNotFound(self.name, f"no fake LM {uuid}")
         self._wake.set()
 
     def inspect(self, uuid: str, handle: Handle) -> Status:
+        with self._host_errors(f"cannot inspect LM {uuid}"):
+            return self._inspect(uuid)
+
+    def _inspect(self, uuid: str) -> Status:
         entry = self._load(uuid)
         if entry is None:
             return Status(EngineState.MISSING, detail="no such fake LM")
@@ -146,28 +167,31 @@ class FakeBackend:
         return Status(EngineState.EXITED, 137 if oom else code, oom_killed=oom, ended_at=end)
 
     def stop(self, uuid: str, handle: Handle, *, force: bool = False) -> None:
-        entry = self._load(uuid)
-        if entry is None:
-            return
-        key = "killed_at" if force else "stop_at"
-        if entry.get(key) is None:
-            entry[key] = self.clock()
-            atomic.write_text(self._file(uuid), json.dumps(entry))
+        with self._host_errors(f"cannot stop LM {uuid}"):
+            entry = self._load(uuid)
+            if entry is None:
+                return
+            key = "killed_at" if force else "stop_at"
+            if entry.get(key) is None:
+                entry[key] = self.clock()
+                atomic.write_text(self._file(uuid), json.dumps(entry))
         self._wake.set()
 
     def destroy(self, uuid: str, handle: Handle) -> None:
-        self._file(uuid).unlink(missing_ok=True)
+        with self._host_errors(f"cannot destroy LM {uuid}"):
+            self._file(uuid).unlink(missing_ok=True)
 
     def list_owned(self) -> list[Owned]:
-        owned = []
-        for file in sorted(self.engine_dir.glob("*.json")):
-            entry = self._load(file.stem)
-            if entry is not None:
-                labels = entry.get("labels", {})
-                handle = Handle(HANDLE_VERSION, {"uuid": entry["uuid"]})
-                name, factory = labels.get(LABEL_NAME, ""), labels.get(LABEL_FACTORY, "")
-                owned.append(Owned(entry["uuid"], name, factory, handle))
-        return owned
+        with self._host_errors("cannot list LMs"):
+            owned = []
+            for file in sorted(self.engine_dir.glob("*.json")):
+                entry = self._load(file.stem)
+                if entry is not None:
+                    labels = entry.get("labels", {})
+                    handle = Handle(HANDLE_VERSION, {"uuid": entry["uuid"]})
+                    name, factory = labels.get(LABEL_NAME, ""), labels.get(LABEL_FACTORY, "")
+                    owned.append(Owned(entry["uuid"], name, factory, handle))
+            return owned
 
     def watch(self, notify: Callable[[str], None]) -> None:
         if self._thread is not None:
@@ -184,6 +208,14 @@ class FakeBackend:
             self._thread.join(timeout=5)
 
     # --- internals ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _host_errors(self, what: str, error: type[BackendError] = BackendError) -> Iterator[None]:
+        """Raise :data:`HOST_ERRORS` met while doing ``what`` as ``error`` (chained)."""
+        try:
+            yield
+        except HOST_ERRORS as err:
+            raise error(self.name, f"{what}: {err}") from err
 
     def _watch(self, notify: Callable[[str], None]) -> None:
         """Sleep until the next scripted end (or a start/stop), then tell the core."""

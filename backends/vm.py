@@ -39,6 +39,7 @@ import signal
 import socket
 import threading
 import time
+import uuid as uuid_mod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -60,6 +61,7 @@ from lmrunner.backends.base import (
 )
 from lmrunner.errors import (
     BackendError,
+    BackendUnavailable,
     CommandError,
     CommandTimeout,
     LmrunnerError,
@@ -114,6 +116,13 @@ KERNELS = "kernels"  # <state_dir>/vm/kernels: unpacked kernels (vm_kernel), sha
 PVH_QEMU = (4, 0)  # the first QEMU that boots an ELF kernel through its PVH entry
 BOOT_UNPACKED = "kernel-pvh"  # how an LM booted (ImageKind, or this: the unpacked ELF kernel)
 CONSOLE_LOG, QEMU_LOG = "console.log", "qemu.log"
+#: Longest QMP message read (QEMU's answers and events here are a few hundred bytes): a QEMU
+#: taken over by its guest must not make the daemon hold an endless line.
+QMP_LINE_LIMIT = 1024 * 1024
+#: What the host and the data this backend keeps can raise: OSError from files, /proc, sockets
+#: and signals; ValueError, TypeError and KeyError from a handle or record of the wrong shape
+#: (hand-edited, or an older version's).
+HOST_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, TypeError, KeyError)
 
 
 class Accel(StrEnum):
@@ -267,7 +276,11 @@ def _local_file(name: str, what: str) -> Path:
     path = Path(name)
     if not path.is_absolute():
         raise SpecError(f"{what} {name!r}: not an absolute path")
-    if not path.is_file() or not os.access(path, os.R_OK):
+    try:
+        readable = path.is_file() and os.access(path, os.R_OK)
+    except OSError as err:  # no access to a folder above it, a name too long
+        raise SpecError(f"{what} {path}: cannot look at it: {err.strerror or err}") from err
+    if not readable:
         raise SpecError(f"{what} {path}: not a readable file")
     return path
 
@@ -419,7 +432,9 @@ class QmpSession:
             if "return" in answer:
                 return answer["return"]
             if "error" in answer:
-                raise QmpError(f"{command}: {answer['error'].get('desc', answer['error'])}")
+                error = answer["error"]
+                desc = error.get("desc", error) if isinstance(error, dict) else error
+                raise QmpError(f"{command}: {desc}")
 
     def events(self) -> Iterator[dict[str, Any]]:
         """Yield events until QEMU closes the connection (it exits) or :meth:`close`."""
@@ -439,9 +454,11 @@ class QmpSession:
         self.sock.close()
 
     def _read(self) -> dict[str, Any]:
-        line = self.reader.readline()
+        line = self.reader.readline(QMP_LINE_LIMIT)
         if not line:
             raise QmpError("QEMU closed the QMP connection")
+        if len(line) >= QMP_LINE_LIMIT and not line.endswith(b"\n"):
+            raise QmpError(f"a QMP message longer than {QMP_LINE_LIMIT} bytes: {line[:200]!r}")
         try:
             value = json.loads(line)
         except ValueError as err:
@@ -545,7 +562,12 @@ def _save_accel(path: Path, key: tuple[str, str, str], result: AccelProbe) -> No
 
 
 class VmBackend:
-    """QEMU virtual machines as logical machines."""
+    """QEMU virtual machines as logical machines.
+
+    No OSError, no error of a corrupt handle or record, and no error of the QEMU tools leaves
+    a method of the protocol: each is raised again as a :class:`~lmrunner.errors.BackendError`
+    naming the LM (:meth:`_host_errors`).
+    """
 
     name: ClassVar[str] = "vm"
     placement: ClassVar[Placement] = PLACEMENT
@@ -580,6 +602,13 @@ class VmBackend:
 
     def probe(self) -> Probe:
         try:
+            return self._probe()
+        except Exception as err:  # the contract: never raises; a surprise is a reason, logged
+            LOG.exception("vm: the probe failed unexpectedly")
+            return Probe(Health.UNAVAILABLE, None, f"unavailable: {type(err).__name__}: {err}")
+
+    def _probe(self) -> Probe:
+        try:
             version = self._qemu()[1]
             if shutil.which(QEMU_IMG) is None:
                 return Probe(Health.UNAVAILABLE, version, f"unavailable: {QEMU_IMG} not found")
@@ -599,11 +628,14 @@ class VmBackend:
         boot = plan(spec)
         runas = self._runas(spec)
         try:
+            vm_dir = self._vm_dir(spec.uuid)
             qemu, version = self._qemu()
-        except LmrunnerError as err:
-            raise StartError(self.name, str(err), recoverable=True) from err
-        accel = self.accel().accel
-        vm_dir = self.root / spec.uuid
+            accel = self.accel().accel
+        except (LmrunnerError, OSError) as err:
+            recoverable = isinstance(err, BackendUnavailable)  # QEMU broken: maybe mended soon
+            raise StartError(
+                self.name, f"cannot start {spec.name}: {err}", recoverable=recoverable
+            ) from err
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             vm_dir.mkdir(mode=0o700)
@@ -660,21 +692,26 @@ class VmBackend:
         }, _engine(record))  # fmt: skip
 
     def recover(self, uuid: str, handle: Handle) -> None:
-        record = self._record(uuid)
-        if record is None:
-            raise MachineNotFound(self.name, f"no VM record {self.root / uuid / RECORD}")
-        pid = self._process(uuid, handle, record)
-        if pid is None:
-            return  # it ended while lmrunner was down: inspect says how much is known
-        if not self.supervisor.adopt(uuid, pid):
-            return
-        try:
-            self._listen(uuid, self.root / uuid, pid, QMP_TIMEOUT, None)
-        except (QmpError, OSError) as err:  # its exit is still seen (pidfd), only not why
-            LOG.warning("vm: lm=%s: cannot reattach to QMP events: %s", record.get("name"), err)
+        with self._host_errors(f"cannot reattach to LM {uuid}"):
+            record = self._record(uuid)
+            if record is None:
+                raise MachineNotFound(self.name, f"no VM record {self.root / uuid / RECORD}")
+            pid = self._process(uuid, handle, record)
+            if pid is None:
+                return  # it ended while lmrunner was down: inspect says how much is known
+            if not self.supervisor.adopt(uuid, pid):
+                return
+            try:
+                self._listen(uuid, self.root / uuid, pid, QMP_TIMEOUT, None)
+            except (QmpError, StartError, OSError) as err:  # its exit is still seen, not why
+                LOG.warning("vm: lm=%s: cannot reattach to QMP events: %s", uuid, err)
 
     def inspect(self, uuid: str, handle: Handle) -> Status:
-        vm_dir = self.root / uuid
+        with self._host_errors(f"cannot inspect LM {uuid}"):
+            return self._inspect(uuid, handle)
+
+    def _inspect(self, uuid: str, handle: Handle) -> Status:
+        vm_dir = self._vm_dir(uuid)
         record = self._record(uuid)
         if record is None:
             return Status(EngineState.MISSING, detail=f"no VM record in {vm_dir}")
@@ -691,19 +728,26 @@ class VmBackend:
             status = process.read_status(vm_dir / EXIT)
         reason = None
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            reason = json.loads((vm_dir / SHUTDOWN).read_text()).get("reason")
+            found = json.loads((vm_dir / SHUTDOWN).read_text()).get("reason")
+            reason = found if isinstance(found, str) else None
         return ended(status, reason)
 
     def stop(self, uuid: str, handle: Handle, *, force: bool = False) -> None:
-        vm_dir = self.root / uuid
-        pid = self._process(uuid, handle, self._record(uuid))
+        with self._host_errors(f"cannot stop LM {uuid}"):
+            self._stop(uuid, handle, force=force)
+
+    def _stop(self, uuid: str, handle: Handle, *, force: bool) -> None:
+        vm_dir = self._vm_dir(uuid)
+        pid = self._process(uuid, handle, self._readable_record(uuid))
         if pid is None:
             return
         if not force:
             try:  # the ACPI power button: the guest shuts down (vcbusybox: SIGTERM to payload)
                 qmp_execute(vm_dir, "system_powerdown", timeout=5.0)
             except QmpError as err:
-                raise BackendError(self.name, f"cannot press the power button: {err}") from err
+                raise BackendError(
+                    self.name, f"LM {uuid}: cannot press the power button: {err}"
+                ) from err
             with self._lock:
                 if uuid in self._pressing:
                     return
@@ -719,30 +763,41 @@ class VmBackend:
             self._kill(pid)
 
     def destroy(self, uuid: str, handle: Handle) -> None:
-        vm_dir = self.root / uuid
-        pid = self._process(uuid, handle, self._record(uuid))
-        if pid is not None:
-            self._kill(pid)
-            _gone(pid, 5.0)
-        self._drain(uuid, wait=False)
-        with self._lock:
-            self._children.discard(uuid)
-        shutil.rmtree(vm_dir, ignore_errors=True)  # disks, drive, sockets, record
+        with self._host_errors(f"cannot destroy LM {uuid}"):
+            vm_dir = self._vm_dir(uuid)
+            pid = self._process(uuid, handle, self._readable_record(uuid))
+            if pid is not None:
+                self._kill(pid)
+                _gone(pid, 5.0)
+            self._drain(uuid, wait=False)
+            with self._lock:
+                self._children.discard(uuid)
+            # Disks, drive, sockets, record: root's alone (0700), QEMU as sc_user writes none.
+            shutil.rmtree(vm_dir, ignore_errors=True)
 
     def list_owned(self) -> list[Owned]:
+        with self._host_errors("cannot list LMs"):
+            return self._list_owned()
+
+    def _list_owned(self) -> list[Owned]:
         owned = []
         for file in sorted(self.root.glob(f"*/{RECORD}")):
-            record = self._record(file.parent.name)
+            try:
+                record = self._record(file.parent.name)
+            except BackendError as err:  # the others are still listed
+                LOG.warning("%s", err)
+                continue
             if record is None:
                 continue
-            labels = record.get("labels", {})
+            labels = record.get("labels")
+            labels = labels if isinstance(labels, dict) else {}
             handle = Handle(HANDLE_VERSION, {
                 "pid": record.get("pid"), "start_ticks": record.get("start_ticks"),
                 "vm_dir": str(file.parent), "directory": record.get("directory"),
                 "accel": record.get("accel"),
             }, _engine(record))  # fmt: skip
-            owned.append(Owned(record["uuid"], labels.get(LABEL_NAME, ""),
-                               labels.get(LABEL_FACTORY, ""), handle))  # fmt: skip
+            owned.append(Owned(record["uuid"], str(labels.get(LABEL_NAME, "")),
+                               str(labels.get(LABEL_FACTORY, "")), handle))  # fmt: skip
         return owned
 
     def watch(self, notify: Callable[[str], None]) -> None:
@@ -761,7 +816,8 @@ class VmBackend:
     # --- accelerator ----------------------------------------------------------------------
 
     def memory_overhead(self) -> int:
-        return memory_overhead_bytes(self.accel().accel)
+        with self._host_errors("cannot tell QEMU's memory overhead", BackendUnavailable):
+            return memory_overhead_bytes(self.accel().accel)
 
     def accel(self) -> AccelProbe:
         """The accelerator LMs start under (``factory.vm_accel``; ``auto`` probes once per host
@@ -816,8 +872,13 @@ class VmBackend:
         if self._version is None:
             found = shutil.which(QEMU)
             if found is None:
-                raise BackendError(self.name, f"{QEMU} not found (apt-get install qemu-system-x86)")
-            done = runner.run([found, "-version"], timeout=30)
+                raise BackendUnavailable(
+                    self.name, f"{QEMU} not found (apt-get install qemu-system-x86)"
+                )
+            try:
+                done = runner.run([found, "-version"], timeout=30)
+            except CommandError as err:
+                raise BackendUnavailable(self.name, f"{QEMU} does not run: {err}") from err
             match = re.search(r"version (\d+\.\d+(?:\.\d+)?)", done.stdout)
             self._version = (found, match.group(1) if match else done.stdout.strip()[:40])
         return self._version
@@ -915,7 +976,8 @@ class VmBackend:
         """Record why QEMU stops (its SHUTDOWN event) until it closes the connection."""
         for event in session.events():
             if event.get("event") == "SHUTDOWN":
-                data = event.get("data", {})
+                data = event.get("data")
+                data = data if isinstance(data, dict) else {}
                 record = {"reason": data.get("reason"), "guest": data.get("guest"),
                           "at": time.time()}  # fmt: skip
                 try:
@@ -950,12 +1012,51 @@ class VmBackend:
             session.close()
             thread.join(timeout=2)
 
-    def _record(self, uuid: str) -> dict[str, Any] | None:
+    @contextlib.contextmanager
+    def _host_errors(self, what: str, error: type[BackendError] = BackendError) -> Iterator[None]:
+        """Raise :data:`HOST_ERRORS` met while doing ``what`` as ``error`` (chained): the one
+        place they become lmrunner's. lmrunner's own errors pass unchanged."""
         try:
-            data = json.loads((self.root / uuid / RECORD).read_text())
-        except (OSError, ValueError):
+            yield
+        except HOST_ERRORS as err:
+            raise error(self.name, f"{what}: {err}") from err
+
+    def _vm_dir(self, uuid: str) -> Path:
+        """The LM's folder under <state_dir>/vm (destroy removes it: the uuid is never a path)."""
+        try:
+            canonical = str(uuid_mod.UUID(uuid)) == uuid
+        except (ValueError, TypeError, AttributeError):
+            canonical = False
+        if not canonical:
+            raise BackendError(self.name, f"not an LM uuid: {uuid!r}")
+        return self.root / uuid
+
+    def _record(self, uuid: str) -> dict[str, Any] | None:
+        """The LM's record; None when it has none.
+
+        Raises:
+            BackendError: there is one, but it cannot be read or is not this LM's (corrupt, or
+                an older version's).
+        """
+        file = self._vm_dir(uuid) / RECORD
+        try:
+            data = json.loads(file.read_text())
+        except FileNotFoundError:
             return None
-        return data if isinstance(data, dict) and data.get("uuid") == uuid else None
+        except (OSError, ValueError) as err:
+            raise BackendError(self.name, f"LM {uuid}: unreadable record {file}: {err}") from err
+        if not isinstance(data, dict) or data.get("uuid") != uuid:
+            raise BackendError(self.name, f"LM {uuid}: {file} is not a record of this LM")
+        return data
+
+    def _readable_record(self, uuid: str) -> dict[str, Any] | None:
+        """The LM's record, or None when it has none or an unreadable one (logged): for stop and
+        destroy, which can do without it (the handle names the QEMU)."""
+        try:
+            return self._record(uuid)
+        except BackendError as err:
+            LOG.warning("%s", err)
+            return None
 
     def _write_record(self, uuid: str, record: Mapping[str, Any]) -> None:
         atomic.write_text(self.root / uuid / RECORD, json.dumps(record, indent=1) + "\n")
@@ -975,6 +1076,11 @@ class VmBackend:
         try:
             pidfd = os.pidfd_open(pid.pid)
         except ProcessLookupError:
+            return
+        except OSError:  # no pidfd_open (Linux < 5.3, e.g. EL7): by its identity, checked first
+            if process.alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid.pid, signal.SIGKILL)
             return
         try:
             if process.alive(pid):
@@ -1011,7 +1117,7 @@ def _find_qemu(uuid: str) -> process.ProcessId | None:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if wanted in cmdline and Path(cmdline.split(b"\0", 1)[0].decode()).name == QEMU:
+        if wanted in cmdline and Path(os.fsdecode(cmdline.split(b"\0", 1)[0])).name == QEMU:
             return process.identify(int(entry.name))
     return None
 
@@ -1021,9 +1127,12 @@ def _version_tuple(version: str) -> tuple[int, int]:
     return (int(parts[0]), int(parts[1])) if len(parts) >= 2 else (0, 0)
 
 
-def _tail(path: Path, lines: int = 3) -> str:
+def _tail(path: Path, lines: int = 3, limit: int = 65536) -> str:
+    """The last ``lines`` lines of a log, from its last ``limit`` bytes at most."""
     try:
-        text = path.read_text(errors="replace").strip()
+        with path.open("rb") as handle:
+            handle.seek(max(os.fstat(handle.fileno()).st_size - limit, 0))
+            text = handle.read(limit).decode(errors="replace").strip()
     except OSError:
         return ""
     return " | ".join(text.splitlines()[-lines:])

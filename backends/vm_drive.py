@@ -16,6 +16,7 @@ no metadata server and no per-LM address. It is built by a standard tool (``geni
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Mapping
@@ -126,7 +127,8 @@ def build(data: DriveData, output: Path, *, tool: list[str] | None = None) -> Pa
             timeout=TOOL_TIMEOUT,
         )  # fmt: skip
     except (CommandError, OSError) as err:
-        output.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the error to tell is the one above
+            output.unlink(missing_ok=True)
         raise DriveError(f"cannot write the config drive {output}: {err}") from err
     finally:
         shutil.rmtree(stage, ignore_errors=True)

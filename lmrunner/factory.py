@@ -40,6 +40,7 @@ from lmrunner.cgroups import CgroupController, CgroupRef, Usage, open_controller
 from lmrunner.config import Config, FactoryConfig, MachinetypeConfig, resolve_local
 from lmrunner.errors import (
     BackendError,
+    BackendUnavailable,
     CgroupError,
     CgroupUnsupported,
     LmrunnerError,
@@ -297,9 +298,10 @@ class Factory:
             return
         try:
             status = backend.inspect(record.uuid, record.handle)
-        except BackendError as err:
+        except BackendUnavailable as err:
             self._unavailable(backend, err)
             return
+        # Any other BackendError is this LM's alone (a corrupt record): logged by the guard.
         if status.state is not EngineState.RUNNING:
             self._finalise(record, backend, status)
             report.finished.append(record.name)
