@@ -9,6 +9,7 @@ asked, 200 work done, 300 no more work, 400 banned, 500 site problem, 600 grid-w
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -158,6 +159,29 @@ def heartbeat_outcome(created: bool) -> Outcome:
     """Vac's exact texts, which payload frameworks already recognise."""
     detail = "updated" if created else "created"
     return Outcome(700, f"Heartbeat file not {detail}", OutcomeSource.HEARTBEAT)
+
+
+def heartbeat_problem(
+    *,
+    now: float,
+    started: float,
+    daemon_started: float,
+    fizzle_seconds: int,
+    heartbeat_seconds: int,
+    beat_mtime: Callable[[], float | None],
+) -> Outcome | None:
+    """Vac's heartbeat rule (vac.md §3.6), with its grace after a daemon (re)start: once both the
+    LM and the daemon started *more than* ``fizzle_seconds`` ago (Vac: started < now -
+    fizzle_seconds), a missing heartbeat file (``beat_mtime()`` None, asked only then) or one
+    older than ``heartbeat_seconds`` (0: any age) stops the LM."""
+    if fizzle_seconds <= 0 or min(now - started, now - daemon_started) <= fizzle_seconds:
+        return None
+    mtime = beat_mtime()
+    if mtime is None:
+        return heartbeat_outcome(created=False)
+    if heartbeat_seconds > 0 and now - mtime > heartbeat_seconds:
+        return heartbeat_outcome(created=True)
+    return None
 
 
 def operator_outcome(forced: bool) -> Outcome:

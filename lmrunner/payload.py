@@ -320,7 +320,7 @@ def prepare(
     lm: LmIdentity,
     *,
     placement: Placement,
-    processors: int,
+    limits: Limits,
     created: int,
     shutdown_time: int,
     lm_dir: Path,
@@ -331,6 +331,8 @@ def prepare(
 
     Args:
         placement: where the LM's backend puts these files inside the LM.
+        limits: the LM's resources (:func:`limits_for`, resolved once by the caller, which gives
+            the same to its record, its cgroup and its backend).
         owner: uid and gid the LM runs as: its joboutputs, tmp_binds folders and a user_data
             holding secrets belong to it; everything else is root's and read-only to the LM.
 
@@ -340,7 +342,6 @@ def prepare(
     """
     lm_dir.mkdir(mode=0o755, parents=True, exist_ok=False)
     try:
-        limits = limits_for(config, mt, processors)
         template, url = read_template(config, mt, session)
         proxy_pem = make_proxy(config, mt, shutdown_time)
         values = template_values(config, mt, lm, placement, user_data_url=url, proxy_pem=proxy_pem)

@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
@@ -165,23 +164,10 @@ def _exclusive(state_dir: Path) -> TextIO:
 
 
 def _dry_run(config: Config, store: Store) -> int:
+    """The start decisions a pass would make now (every engine taken as working)."""
     factory = Factory(config, store, {})
-    if store.meta("draining") == "1":  # `lmrunner drain`, as the factory honours it
-        config = replace(config, factory=replace(config.factory, draining=True))
-    active = store.active()
-    running = [
-        slots.RunningLm(r.machinetype, r.processors, r.hs06, r.shutdown_time, r.created, r.started)
-        for r in active
-    ]
-    decisions = slots.plan(
-        config,
-        running,
-        factory.histories(),
-        now=factory.clock(),
-        load_average=os.getloadavg(),
-        counted_cpus=os.cpu_count() or 1,
-        rng=factory.rng,
-        max_starts=config.factory.total_processors,
+    decisions = factory.plan(
+        store.active(), max_starts=config.factory.total_processors, working_engines_only=False
     )
     if isinstance(decisions, slots.Blocked):
         print(f"nothing would start: {decisions.reason}")

@@ -502,7 +502,7 @@ def test_host_cgroups_none_when_the_host_has_none(
     def unsupported(parent: str, **options: Any) -> CgroupController:
         raise CgroupUnsupported("no cgroup filesystem is mounted")
 
-    monkeypatch.setattr("lmrunner.factory.open_controller", unsupported)
+    monkeypatch.setattr("lmrunner.lmcgroups.open_controller", unsupported)
     with caplog.at_level(logging.WARNING, logger="lmrunner.factory"):
         assert host_cgroups(env.config().factory) is None
     assert "no cgroup filesystem is mounted" in caplog.text
@@ -516,7 +516,7 @@ def test_host_cgroups_uses_the_configured_parent(env: Env, monkeypatch: pytest.M
         opened.append((parent, options))
         return fake
 
-    monkeypatch.setattr("lmrunner.factory.open_controller", open_controller)
+    monkeypatch.setattr("lmrunner.lmcgroups.open_controller", open_controller)
     config = env.config(factory={"cgroup_parent": "/sites/lmrunner", "memory_high_ratio": 0.9})
     assert host_cgroups(config.factory) is fake
     assert opened == [("/sites/lmrunner", {"memory_high_ratio": 0.9})]

@@ -127,7 +127,7 @@ def run_prepare(
         mt,
         lm or identity(),
         placement=PLACEMENTS[mt.backend],
-        processors=processors,
+        limits=limits_for(config, mt, processors),
         created=created,
         shutdown_time=shutdown_time,
         lm_dir=lm_dir,

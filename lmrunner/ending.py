@@ -1,0 +1,181 @@
+"""An LM's end: the outcome decided from the engine's facts and what the payload left, recorded
+with its accounting in one transaction; the engine object and the cgroup removed after that (a
+reconcile retries both if the daemon dies in between)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from lmrunner import apel, untrusted
+from lmrunner.accounting import AccountingRecord, Flag, vo_of
+from lmrunner.backends.base import Backend, EngineState, Status
+from lmrunner.cgroups import Usage
+from lmrunner.config import Config, MachinetypeConfig
+from lmrunner.errors import BackendError
+from lmrunner.guard import guarded
+from lmrunner.lifecycle import (
+    LmState,
+    Outcome,
+    OutcomeSource,
+    decide_outcome,
+    start_failed_outcome,
+)
+from lmrunner.lmcgroups import LmCgroups, peak
+from lmrunner.state import LmRecord, Store
+
+LOG = logging.getLogger("lmrunner.factory")
+RESTART_OUTCOME = Outcome(100, "Start interrupted by a factory restart", OutcomeSource.START_FAILED)
+UNRECORDED_OUTCOME = Outcome(
+    500, "Start could not be recorded (state directory not writable)", OutcomeSource.START_FAILED
+)
+
+
+class Endings:
+    """Records LMs' ends for one factory."""
+
+    def __init__(self, store: Store, cgroups: LmCgroups, clock: Callable[[], float]) -> None:
+        self.store = store
+        self.cgroups = cgroups
+        self.clock = clock
+
+    def finish(
+        self, config: Config, record: LmRecord, backend: Backend, status: Status
+    ) -> LmRecord:
+        """Record how an LM the engine no longer runs ended (exactly once), then remove it."""
+        mt = config.machinetypes.get(record.machinetype)
+        message = untrusted.read_message(record.directory)
+        ended = status.ended_at or self.clock()
+        usage = self.cgroups.usage(record)
+        # The cgroup counts OOM kills the engine may not report (a payload's child, an adopted
+        # process whose status is unknown); a payload that exited 0 survived its child's.
+        oom = status.oom_killed or (
+            usage is not None and usage.oom_kills > 0 and status.exit_code != 0
+        )
+        outcome = decide_outcome(
+            message=message,
+            stop_reason=record.stop_reason,
+            exit_code=status.exit_code,
+            oom_killed=oom,
+            lost=status.state is EngineState.MISSING,
+            lifetime=None if record.started is None else ended - record.started,
+            fizzle_seconds=mt.fizzle_seconds if mt else 0,
+            interrupted=status.interrupted,
+        )
+        record = self.store.finish(
+            record.uuid,
+            LmState.FINISHED,
+            lambda done: accounting_record(done, usage, mt),
+            outcome=outcome,
+            finished=ended,
+            cpu_seconds=None if usage is None else usage.cpu_seconds,
+            memory_peak_bytes=peak(record, usage),
+        )
+        if outcome.source is not OutcomeSource.PAYLOAD and message is None:
+            # Vac wrote its own reason where the payload's would be; keep doing so for tools,
+            # but never over (or through) anything the payload left there.
+            try:
+                untrusted.create(
+                    record.directory,
+                    "joboutputs/shutdown_message",
+                    (outcome.message + "\n").encode(),
+                )
+            except (untrusted.UntrustedFileError, OSError) as err:
+                LOG.warning("lm=%s: cannot write its shutdown_message: %s", record.name, err)
+        if record.handle is not None:
+            with guarded(record.name):  # a leftover is removed by a later reconcile
+                backend.destroy(record.uuid, record.handle)
+        self.publish(config)
+        self.cgroups.remove(record)
+        LOG.info("lm=%s machinetype=%s: finished: %s (%s)", record.name, record.machinetype,
+                 outcome.message, outcome.source)  # fmt: skip
+        return record
+
+    def fail(self, config: Config, record: LmRecord, outcome: Outcome) -> LmRecord:
+        """End an LM that never ran (its start failed, or was interrupted)."""
+        mt = config.machinetypes.get(record.machinetype)
+        failed = self.store.finish(
+            record.uuid,
+            LmState.FAILED,
+            lambda ended: accounting_record(ended, None, mt),
+            outcome=outcome,
+            finished=self.clock(),
+        )
+        self.publish(config)
+        self.cgroups.remove(failed)
+        return failed
+
+    def settle_half_created(
+        self, config: Config, record: LmRecord, backend: Backend, outcome: Outcome
+    ) -> None:
+        """An LM whose start was interrupted (a restart, or a store write that failed): remove
+        whatever exists of it, once."""
+        try:
+            for owned in backend.list_owned():
+                if owned.uuid == record.uuid:
+                    backend.destroy(owned.uuid, owned.handle)
+        except BackendError as err:  # what is left becomes an orphan, removed by a reconcile
+            LOG.error("lm=%s: cannot look for its engine object now: %s", record.name, err)
+        untrusted.remove_tree(record.directory)
+        self.fail(config, record, outcome)
+        LOG.warning("lm=%s: half-created (%s); removed", record.name, outcome.text)
+
+    def backfill(self, config: Config) -> None:
+        """Accounting records for ended LMs that have none (an older lmrunner wrote them in a
+        transaction of their own, after the end)."""
+        for record in self.store.unaccounted():
+            with guarded(record.name):
+                mt = config.machinetypes.get(record.machinetype)
+                if self.store.add_accounting(accounting_record(record, None, mt)):
+                    LOG.warning("lm=%s: accounting record backfilled", record.name)
+
+    def publish(self, config: Config) -> None:
+        """Write the APEL messages not written yet (after each end, and on every reconcile)."""
+        try:
+            apel.publish(self.store, config.factory)
+        except OSError as err:  # retried by the next reconcile
+            LOG.error("cannot write APEL records now: %s", err)
+
+
+def accounting_record(
+    record: LmRecord, usage: Usage | None, mt: MachinetypeConfig | None
+) -> AccountingRecord:
+    """The accounting record of an ended LM (``usage``: its cgroup's last counters, None when
+    not measured now; a record's own CPU figure still counts)."""
+    assert record.finished is not None
+    wall = 0.0 if record.started is None else max(record.finished - record.started, 0.0)
+    flags = set()
+    if record.started is None:
+        flags.add(Flag.FAILED)
+    elif mt is not None and wall < mt.fizzle_seconds:
+        flags.add(Flag.SHORT)
+    if usage is None and record.cpu_seconds is None:
+        flags.add(Flag.UNMEASURED)
+    oom_kills = 0 if usage is None else usage.oom_kills
+    outcome = record.outcome or start_failed_outcome("unknown")
+    if oom_kills or outcome.source is OutcomeSource.OOM:
+        flags.add(Flag.OOM)
+    fqan = mt.accounting_fqan if mt is not None else None
+    return AccountingRecord(
+        uuid=record.uuid,
+        name=record.name,
+        machinetype=record.machinetype,
+        backend=record.backend,
+        fqan=fqan,
+        vo=vo_of(fqan),
+        processors=record.processors,
+        # As the LM started: its limits hold the HS06 it was announced with.
+        hs06=None if record.limits.hs06 is None else record.limits.hs06 / record.processors,
+        created=record.created,
+        started=record.started,
+        finished=record.finished,
+        wall_seconds=wall,
+        cpu_seconds=record.cpu_seconds,
+        memory_peak_bytes=record.memory_peak_bytes,
+        oom_kills=oom_kills,
+        outcome_code=outcome.code,
+        outcome_text=outcome.text,
+        outcome_source=outcome.source.value,
+        flags=frozenset(flags),
+        memory_limit_bytes=record.limits.memory_bytes,
+    )
