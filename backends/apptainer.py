@@ -376,26 +376,17 @@ class ApptainerBackend:
             reaping = uuid in self._running
         if status is None and reaping:
             return Status(EngineState.RUNNING)  # it is exiting: its waiting thread will tell
-        code = None if status is None else exit_status(status.exit_code)
+        code = None if status is None else status.exit_code
         detail = "" if code is not None else "it ended while lmrunner was not watching"
+        # 255 is also apptainer's own failure: its FATAL line tells (OOM kills are counted by
+        # the core from the LM's cgroup, as for every backend).
         fatal = _fatal_line(paths.log) if paths is not None and code == 255 else None
-        oom = code == 128 + signal.SIGKILL and self._oom_kills(handle) > 0
-        interrupted = None
-        if fatal is not None:
-            detail = fatal
-            interrupted = f"Apptainer could not run the LM: {fatal}"
-        elif code in (128 + signal.SIGTERM, 128 + signal.SIGKILL) and not oom:
-            # When lmrunner stops an LM its own reason wins over this: an admin or the host.
-            interrupted = (
-                f"Stopped from outside lmrunner (exit status {code}: an admin or the host)"
-            )
         return Status(
             EngineState.EXITED,
             exit_code=code,
-            oom_killed=oom,
             ended_at=None if status is None else status.ended_at,
-            detail=detail,
-            interrupted=interrupted,
+            detail=fatal or detail,
+            engine_fault=None if fatal is None else f"Apptainer could not run the LM: {fatal}",
         )
 
     def stop(self, uuid: str, handle: Handle, *, force: bool = False) -> None:
@@ -591,15 +582,6 @@ class ApptainerBackend:
             "SINGULARITY_CACHEDIR": str(paths.tmpdir / "cache"),
         }
 
-    def _oom_kills(self, handle: Handle) -> int:
-        ref = _cgroup(handle)
-        if ref is None or self.cgroups is None:
-            return 0
-        try:
-            return self.cgroups.usage(ref).oom_kills
-        except CgroupError:
-            return 0
-
     def _processes(self, uuid: str, handle: Handle) -> list[ProcessId]:
         """The LM's processes this backend can name: its apptainer process (or an orphan's)."""
         if handle.data.get("orphan"):
@@ -707,13 +689,6 @@ def needs_env_hook(image: Path) -> bool:
     """Whether a directory image drops --env/--env-file variables without an env hook file."""
     env_dir = image / ".singularity.d" / "env"
     return image.is_dir() and env_dir.is_dir() and not (env_dir / ENV_HOOK.name).exists()
-
-
-def exit_status(code: int | None) -> int | None:
-    """A Popen return code as a shell would show it: killed by signal N -> 128 + N."""
-    if code is None:
-        return None
-    return 128 - code if code < 0 else code
 
 
 def labels_in_environ(data: bytes) -> dict[str, str] | None:

@@ -84,15 +84,22 @@ class EngineState(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Status:
-    """What the engine says about an LM."""
+    """What the engine says about an LM: facts only. Which outcome they make is
+    :func:`lmrunner.lifecycle.decide_outcome`'s business alone.
+
+    ``exit_code`` follows one convention for every backend: the LM's (its init's, its engine
+    process's) exit status, 128 + N when a signal N ended it; None when unknown.
+    """
 
     state: EngineState
     exit_code: int | None = None
+    #: the engine saw the kernel's OOM killer end the LM (the core also counts its cgroup's)
     oom_killed: bool = False
     ended_at: float | None = None
     detail: str = ""
-    #: set when the engine, not the payload, ended the LM (e.g. its daemon restarted): why
-    interrupted: str | None = None
+    #: the engine itself failed or lost the LM, in its own words (its daemon restarted, it could
+    #: not run the image, QEMU stopped on a host error); None when the LM ended by itself
+    engine_fault: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -189,24 +189,18 @@ class DockerBackend:
         if state.get("Running") or state.get("Status") in ("created", "restarting"):
             return Status(EngineState.RUNNING)
         ended = _timestamp(state.get("FinishedAt"))
-        interrupted = None
+        fault = None
         code = state.get("ExitCode")
         code = code if isinstance(code, int) and not isinstance(code, bool) else None
-        oom_killed = state.get("OOMKilled") is True
         if ended is not None and any(start - 5 <= ended <= end for start, end in self._outages):
-            # It died while dockerd was down or restarting: the site's doing, not the payload's.
-            interrupted = "Docker daemon restarted while the LM ran"
-        elif code in (137, 143) and not oom_killed:
-            # Its init died of (or passed on) SIGTERM/SIGKILL that lmrunner did not send (when
-            # lmrunner stops an LM, its own reason wins): dockerd stopping, or an admin.
-            interrupted = f"Stopped from outside lmrunner (exit status {code}: dockerd or an admin)"
+            fault = "Docker daemon restarted while the LM ran"  # it died with dockerd
         return Status(
             EngineState.EXITED,
             exit_code=code,
-            oom_killed=oom_killed,
+            oom_killed=state.get("OOMKilled") is True,
             ended_at=ended,
             detail=str(state.get("Error") or ""),
-            interrupted=interrupted,
+            engine_fault=fault,
         )
 
     def stop(self, uuid: str, handle: Handle, *, force: bool = False) -> None:

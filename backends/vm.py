@@ -484,8 +484,8 @@ def qmp_execute(directory: Path, command: str, timeout: float = QMP_TIMEOUT) -> 
 
 # --- how an LM ended ---------------------------------------------------------------------------
 
-#: QEMU's SHUTDOWN reasons (qapi/run-state.json) -> (exit code, detail, interrupted). The core
-#: uses ``interrupted`` only when lmrunner did not stop the LM itself.
+#: QEMU's SHUTDOWN reasons (qapi/run-state.json) -> (exit code, detail, engine fault). The core
+#: uses the fault only when lmrunner did not stop the LM itself.
 REASONS: Mapping[str, tuple[int | None, str, str | None]] = {
     "guest-shutdown": (0, "the guest powered off", None),
     "guest-reset": (None, "the guest rebooted or reset (QEMU runs with -no-reboot)", None),
@@ -508,21 +508,22 @@ def ended(exit_status: process.ExitStatus | None, reason: str | None) -> Status:
     code = None if exit_status is None else exit_status.exit_code
     ended_at = None if exit_status is None else exit_status.ended_at
     if reason is not None and reason in REASONS:
-        reason_code, detail, interrupted = REASONS[reason]
+        reason_code, detail, fault = REASONS[reason]
         if code is None or code == 0:
             code = reason_code
         return Status(EngineState.EXITED, code, ended_at=ended_at, detail=detail,
-                      interrupted=interrupted)  # fmt: skip
+                      engine_fault=fault)  # fmt: skip
     if code is None:
         detail = "QEMU ended while lmrunner was not watching; how is unknown"
         return Status(EngineState.EXITED, None, ended_at=ended_at, detail=detail)
-    if code < 0:  # lmrunner's own kills come with a stop reason, which wins in the core
-        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-        why = f"QEMU was killed by {name} (not by lmrunner: an admin or the OOM killer)"
-        return Status(EngineState.EXITED, code, ended_at=ended_at, detail=why, interrupted=why)
+    if code > 128:  # killed by a signal (lmrunner's own kills come with a stop reason)
+        number = code - 128
+        name = signal.Signals(number).name if number in signal.valid_signals() else str(number)
+        why = f"QEMU was killed by {name}"
+        return Status(EngineState.EXITED, code, ended_at=ended_at, detail=why)
     if code != 0:
         why = f"QEMU failed with exit status {code} (see qemu.log)"
-        return Status(EngineState.EXITED, code, ended_at=ended_at, detail=why, interrupted=why)
+        return Status(EngineState.EXITED, code, ended_at=ended_at, detail=why, engine_fault=why)
     return Status(EngineState.EXITED, 0, ended_at=ended_at, detail="QEMU exited")
 
 

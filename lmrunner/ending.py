@@ -60,7 +60,7 @@ class Endings:
             lost=status.state is EngineState.MISSING,
             lifetime=None if record.started is None else ended - record.started,
             fizzle_seconds=mt.fizzle_seconds if mt else 0,
-            interrupted=status.interrupted,
+            engine_fault=status.engine_fault,
         )
         record = self.store.finish(
             record.uuid,

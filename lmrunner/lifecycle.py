@@ -104,6 +104,10 @@ def parse_shutdown_message(text: str) -> tuple[int, str] | None:
     return int(match.group(1)), (match.group(2) or "").strip()
 
 
+#: Exit statuses of an LM ended by a signal that only the host or an admin sends (128 + N).
+OUTSIDE_KILLS = {128 + 15: "SIGTERM", 128 + 9: "SIGKILL"}
+
+
 def decide_outcome(
     *,
     message: str | None,
@@ -113,15 +117,17 @@ def decide_outcome(
     lost: bool,
     lifetime: float | None,
     fizzle_seconds: int,
-    interrupted: str | None = None,
+    engine_fault: str | None = None,
 ) -> Outcome:
-    """The outcome of an LM that ended, from everything known about its end.
+    """The outcome of an LM that ended, from everything known about its end: the only place
+    where facts (a backend's :class:`~lmrunner.backends.base.Status`, the payload's message,
+    lmrunner's own stop reason) become an outcome.
 
     Precedence: the payload's own message; else the reason lmrunner stopped it; else an OOM
-    kill; else a vanished engine object or an engine that ended it (a site problem, 500); else,
-    for an LM that ended by itself without a message, an abort when it lived less than
-    ``fizzle_seconds`` (what Vac meant to do and never did) and otherwise its exit status (0 is
-    work done, anything else a payload problem).
+    kill; else a vanished engine object, an engine fault, or a SIGTERM/SIGKILL lmrunner did not
+    send (a site problem, 500); else, for an LM that ended by itself without a message, an abort
+    when it lived less than ``fizzle_seconds`` (what Vac meant to do and never did) and
+    otherwise its exit status (0 is work done, anything else a payload problem).
     """
     parsed = parse_shutdown_message(message) if message is not None else None
     # A 700 after an OOM kill is the consequence (an init reporting its killed child), not news.
@@ -133,8 +139,15 @@ def decide_outcome(
         return Outcome(700, "Killed for exceeding its memory limit (OOM)", OutcomeSource.OOM)
     if lost:
         return Outcome(500, "Engine object vanished; the LM was lost", OutcomeSource.LOST)
-    if interrupted is not None:
-        return Outcome(500, interrupted, OutcomeSource.LOST)
+    if engine_fault is not None:
+        return Outcome(500, engine_fault, OutcomeSource.LOST)
+    if exit_code in OUTSIDE_KILLS:  # lmrunner's own stops come with a stop reason
+        return Outcome(
+            500,
+            f"Stopped from outside lmrunner (exit status {exit_code}: "
+            f"{OUTSIDE_KILLS[exit_code]}, by the host or an admin)",
+            OutcomeSource.LOST,
+        )
     status = "unknown" if exit_code is None else str(exit_code)
     if lifetime is not None and lifetime < fizzle_seconds:
         return Outcome(

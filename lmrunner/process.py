@@ -46,7 +46,7 @@ class ProcessId:
 class ExitStatus:
     """How a supervised process ended (from the file the waiting thread wrote)."""
 
-    exit_code: int | None  # negative: killed by that signal; None: it ended unobserved
+    exit_code: int | None  # 128 + N: killed by signal N (as a shell shows it); None: unobserved
     ended_at: float | None
 
 
@@ -86,10 +86,17 @@ def read_status(path: Path) -> ExitStatus | None:
         code = data.get("exit_code")
         ended = data.get("ended_at")
         return ExitStatus(
-            None if code is None else int(code), None if ended is None else float(ended)
+            None if code is None else shell_status(int(code)),
+            None if ended is None else float(ended),
         )
     except (OSError, ValueError, TypeError, AttributeError):  # absent, torn or foreign
         return None
+
+
+def shell_status(code: int) -> int:
+    """A Popen return code as a shell shows it (and every backend reports it): killed by
+    signal N -> 128 + N."""
+    return 128 - code if code < 0 else code
 
 
 def _preexec(procs_files: Sequence[Path], user: tuple[int, int] | None) -> Callable[[], None]:

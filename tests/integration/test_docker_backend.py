@@ -174,7 +174,7 @@ def test_dockerd_restart_ends_lms_with_a_site_outcome_and_the_factory_carries_on
     # handles that exit before or after noticing the outage, the outcome names the site.
     assert done.outcome.text in (
         "Docker daemon restarted while the LM ran",
-        "Stopped from outside lmrunner (exit status 143: dockerd or an admin)",
+        "Stopped from outside lmrunner (exit status 143: SIGTERM, by the host or an admin)",
     ), done.outcome
     # The factory goes on starting LMs on the restarted daemon.
     drive(factory, lambda: any(r.state is LmState.RUNNING for r in factory.store.active()))

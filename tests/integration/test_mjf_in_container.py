@@ -17,7 +17,14 @@ import pytest
 
 from lmrunner.backends import PLACEMENTS
 from lmrunner.config import load_config
-from lmrunner.payload import limits_for, Prepared, lm_name, new_identity, prepare, update_shutdowntime
+from lmrunner.payload import (
+    Prepared,
+    limits_for,
+    lm_name,
+    new_identity,
+    prepare,
+    update_shutdowntime,
+)
 from tests.integration.conftest import TEST_LABEL
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -67,8 +74,9 @@ def prepare_lm(tmp_path: Path, style: str, processors: int = 2) -> Prepared:
     lm = new_identity(lm_name(config.factory.hostname, 0), mt.name)
     now = int(time.time())
     return prepare(
-        config, mt, lm, placement=PLACEMENTS["docker"], limits=limits_for(config, mt, processors), created=now,
-        shutdown_time=now + 3600, lm_dir=tmp_path / "state" / "machines" / lm.name, owner=(0, 0),
+        config, mt, lm, placement=PLACEMENTS["docker"], limits=limits_for(config, mt, processors),
+        created=now, shutdown_time=now + 3600, lm_dir=tmp_path / "state" / "machines" / lm.name,
+        owner=(0, 0),
     )  # fmt: skip
 
 

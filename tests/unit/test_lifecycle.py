@@ -249,8 +249,10 @@ def decide(
     lost: bool = False,
     lifetime: float | None = 10_000.0,
     fizzle_seconds: int = 600,
+    engine_fault: str | None = None,
 ) -> Outcome:
     return decide_outcome(
+        engine_fault=engine_fault,
         message=message,
         stop_reason=stop_reason,
         exit_code=exit_code,
@@ -346,7 +348,7 @@ def test_fizzle_seconds_zero_never_fizzles() -> None:
 
 @pytest.mark.parametrize(
     ("exit_code", "code"),
-    [(0, 200), (1, 700), (137, 700), (-9, 700), (None, 700)],
+    [(0, 200), (1, 700), (139, 700), (None, 700)],
 )
 def test_exit_status_after_fizzle_seconds(exit_code: int | None, code: int) -> None:
     outcome = decide(exit_code=exit_code, lifetime=3600.0, fizzle_seconds=600)
@@ -356,6 +358,25 @@ def test_exit_status_after_fizzle_seconds(exit_code: int | None, code: int) -> N
     assert f"status {status}" in outcome.text
     assert "without a shutdown_message" in outcome.text
     assert outcome.abort is (code >= ABORT_CODE)
+
+
+@pytest.mark.parametrize(("exit_code", "name"), [(137, "SIGKILL"), (143, "SIGTERM")])
+def test_a_kill_lmrunner_did_not_send_is_the_sites(exit_code: int, name: str) -> None:
+    """Every backend reports a signal death as 128 + N; SIGTERM and SIGKILL come from the host
+    or an admin when lmrunner did not stop the LM (its stop reason would win)."""
+    outcome = decide(exit_code=exit_code, lifetime=3600.0, fizzle_seconds=600)
+    assert (outcome.code, outcome.source) == (500, OutcomeSource.LOST)
+    assert outcome.text.startswith(
+        f"Stopped from outside lmrunner (exit status {exit_code}: {name}"
+    )
+    assert decide(exit_code=exit_code, oom_killed=True).source is OutcomeSource.OOM
+    stopped = decide(exit_code=exit_code, stop_reason=wallclock_outcome())
+    assert stopped == wallclock_outcome()
+
+
+def test_an_engine_fault_is_a_site_problem() -> None:
+    outcome = decide(exit_code=0, engine_fault="Docker daemon restarted while the LM ran")
+    assert outcome == Outcome(500, "Docker daemon restarted while the LM ran", OutcomeSource.LOST)
 
 
 def test_an_empty_message_counts_as_no_message() -> None:

@@ -134,7 +134,7 @@ def test_a_procs_file_that_cannot_be_written_fails_the_spawn(
     assert caught.value.argv == tuple(argv)
 
 
-def test_a_process_killed_by_a_signal_has_a_negative_exit_code(
+def test_a_process_killed_by_a_signal_has_a_shell_exit_status(
     supervisor: Supervisor, tmp_path: Path
 ) -> None:
     notes = Notes()
@@ -144,7 +144,7 @@ def test_a_process_killed_by_a_signal_has_a_negative_exit_code(
     os.kill(process.pid, signal.SIGKILL)
     assert notes.next() == KEY
     status = read_status(tmp_path / f"{KEY}.status")
-    assert status is not None and status.exit_code == -signal.SIGKILL
+    assert status is not None and status.exit_code == 128 + signal.SIGKILL
 
 
 def test_spawned_processes_run_in_a_new_session(supervisor: Supervisor, tmp_path: Path) -> None:

@@ -25,7 +25,6 @@ from lmrunner.backends.apptainer import (
     LmPaths,
     build_argv,
     env_file_text,
-    exit_status,
     labels_in_environ,
     needs_env_hook,
     parse_version,
@@ -49,7 +48,7 @@ from lmrunner.errors import (
     StartError,
 )
 from lmrunner.model import Handle, Limits, Mount
-from lmrunner.process import ProcessId
+from lmrunner.process import ProcessId, shell_status
 
 #: An account for the LMs: not root, and one the test process may chown to.
 OWNER = (54321, 54321) if os.getuid() == 0 else (os.getuid(), os.getgid())
@@ -277,7 +276,7 @@ def test_env_hook_only_for_directory_images_whose_env_folder_lacks_99_base(
 
 
 def test_exit_status_maps_signals_like_a_shell() -> None:
-    assert [exit_status(c) for c in (0, 3, -9, -15, None)] == [0, 3, 137, 143, None]
+    assert [shell_status(c) for c in (0, 3, -9, -15)] == [0, 3, 137, 143]
 
 
 def test_labels_are_read_from_a_payload_and_from_apptainers_engine_config() -> None:
@@ -545,7 +544,7 @@ def test_inspect_follows_the_process_and_its_recorded_exit(
     assert told == [spec.uuid]
     status = backend.inspect(spec.uuid, handle)
     assert (status.state, status.exit_code, status.oom_killed) == (EngineState.EXITED, 3, False)
-    assert status.ended_at == 1000.0 and status.interrupted is None
+    assert status.ended_at == 1000.0 and status.engine_fault is None
 
 
 def test_a_recycled_pid_is_not_the_lm(
@@ -558,32 +557,22 @@ def test_a_recycled_pid_is_not_the_lm(
 
 
 @pytest.mark.parametrize(
-    ("code", "oom_kills", "oom", "interrupted"),
-    [
-        (-9, 1, True, None),  # the kernel's OOM killer took apptainer itself
-        (137, 2, True, None),  # ... or the payload (appinit passes on 128 + 9)
-        (137, 0, False, "Stopped from outside lmrunner (exit status 137: an admin or the host)"),
-        (143, 0, False, "Stopped from outside lmrunner (exit status 143: an admin or the host)"),
-        (1, 3, False, None),  # a payload that exited by itself
-    ],
+    ("code", "reported"),
+    [(-9, 137), (137, 137), (-15, 143), (143, 143), (1, 1)],  # killed by a signal: 128 + N
 )
-def test_kills_are_told_apart_by_the_cgroups_oom_counter(
-    tmp_path: Path,
-    lm_dir: Path,
-    image: Path,
-    code: int,
-    oom_kills: int,
-    oom: bool,
-    interrupted: str | None,
+def test_kills_are_reported_as_facts(
+    tmp_path: Path, lm_dir: Path, image: Path, code: int, reported: int
 ) -> None:
+    """The exit status as a shell shows it, and no verdict: whether a kill was the OOM killer's
+    (the cgroup's counter) or the host's is the core's decision (lifecycle.decide_outcome)."""
     ref = CgroupRef(1, "lm-x", (("memory", str(tmp_path / "memory" / "lm-x")),))
     cgroup = LmCgroup(ref, (), None)
     backend, supervisor, spec, handle, _ = started(
-        tmp_path, lm_dir, image, cgroups=FakeCgroups(oom_kills), spec={"cgroup": cgroup}
+        tmp_path, lm_dir, image, cgroups=FakeCgroups(1), spec={"cgroup": cgroup}
     )
     supervisor.exit(spec.uuid, code, lm_dir / "apptainer-exit.json")
     status = backend.inspect(spec.uuid, handle)
-    assert (status.oom_killed, status.interrupted) == (oom, interrupted)
+    assert (status.exit_code, status.oom_killed, status.engine_fault) == (reported, False, None)
 
 
 def test_apptainers_own_failure_is_reported_with_its_fatal_line(
@@ -597,7 +586,7 @@ def test_apptainers_own_failure_is_reported_with_its_fatal_line(
     status = backend.inspect(spec.uuid, handle)
     assert status.exit_code == 255
     assert status.detail == "stat /nothing: no such file or directory"
-    assert status.interrupted == (
+    assert status.engine_fault == (
         "Apptainer could not run the LM: stat /nothing: no such file or directory"
     )
 

@@ -606,11 +606,11 @@ def test_a_guest_that_powers_off_ends_with_exit_0(
     exit_file.write_text(json.dumps({"exit_code": 0, "ended_at": 1234.5}))
     status = backend.inspect(UUID, handle)
     assert (status.state, status.exit_code, status.ended_at) == (EngineState.EXITED, 0, 1234.5)
-    assert status.detail == "the guest powered off" and status.interrupted is None
+    assert status.detail == "the guest powered off" and status.engine_fault is None
 
 
 @pytest.mark.parametrize(
-    ("exit_code", "reason", "code", "interrupted"),
+    ("exit_code", "reason", "code", "fault"),
     [
         (0, "guest-shutdown", 0, None),
         (0, "guest-reset", None, None),
@@ -618,17 +618,17 @@ def test_a_guest_that_powers_off_ends_with_exit_0(
         (0, "host-qmp-quit", 0, "QEMU was told to quit (QMP) from outside lmrunner"),
         (0, "host-signal", None, "QEMU was stopped by a signal from outside lmrunner"),
         (None, "guest-shutdown", 0, None),  # adopted: no exit status, but the event was seen
-        (-9, None, -9, "QEMU was killed by SIGKILL (not by lmrunner: an admin or the OOM killer)"),
+        (137, None, 137, None),  # killed by SIGKILL: the core judges who sent it
         (1, None, 1, "QEMU failed with exit status 1 (see qemu.log)"),
         (None, None, None, None),
     ],
 )
 def test_how_a_vm_ended(
-    exit_code: int | None, reason: str | None, code: int | None, interrupted: str | None
+    exit_code: int | None, reason: str | None, code: int | None, fault: str | None
 ) -> None:
     status = vm.ended(ExitStatus(exit_code, 10.0), reason)
-    assert (status.state, status.exit_code, status.interrupted) == (
-        EngineState.EXITED, code, interrupted)  # fmt: skip
+    assert (status.state, status.exit_code, status.engine_fault) == (
+        EngineState.EXITED, code, fault)  # fmt: skip
 
 
 def test_destroy_kills_and_removes_everything_and_is_idempotent(
