@@ -21,7 +21,7 @@ from typing import Any
 import lmrunner
 from lmrunner.errors import ConfigError
 from lmrunner.schema import REQUIRED, Problems, build, option, unknown_key_message
-from lmrunner.yamlsrc import Located, Where, load_yaml
+from lmrunner.yamlsrc import Located, Where, load_yaml, one_line
 
 DEFAULT_CONFIG = Path(lmrunner.DEFAULT_CONFIG)
 SECTIONS = ("factory", "machinetypes", "vacuum_pipes")
@@ -475,8 +475,15 @@ def usable_cpus() -> int:
 def config_files(path: Path) -> list[Path]:
     """The main file followed by ``conf.d/*.yaml`` beside it, in name order."""
     confd = path.parent / "conf.d"
-    extra = sorted(confd.glob("*.yaml")) if confd.is_dir() else []
-    return [path, *extra]
+    if not confd.is_dir():
+        return [path]
+    try:
+        entries = list(confd.iterdir())  # glob() takes an unreadable folder for an empty one
+    except OSError as err:
+        raise ConfigError(f"{one_line(str(confd))}: cannot read: {err.strerror or err}") from err
+    # As glob("*.yaml"): no hidden files.
+    wanted = (e for e in entries if e.name.endswith(".yaml") and not e.name.startswith("."))
+    return [path, *sorted(wanted)]
 
 
 def load_config(
@@ -556,8 +563,19 @@ def load_config(
                 )
                 continue
         built_mt = build(MachinetypeConfig, raw, path_, problems, extra=extra)
-        if built_mt is not None:
+        if built_mt is None:
+            continue
+        if pipe_name is None:
             machinetypes[name] = _finish_machinetype(built_mt, raw, problems)
+            continue
+        # A pipe's type that fails the checks across options (min above max, a bad regex) is
+        # rejected alone, like a bad entry: a document must not stop the whole configuration.
+        scratch = Problems()
+        finished = _finish_machinetype(built_mt, raw, scratch)
+        if scratch:
+            warnings.extend(f"{line}; machinetype ignored" for line in scratch.lines)
+        else:
+            machinetypes[name] = finished
 
     if factory is not None:
         for mt in list(machinetypes.values()):
@@ -578,7 +596,7 @@ def load_config(
         machinetypes=dict(sorted(machinetypes.items())),
         pipes=pipes,
         files=tuple(f for f in files if f.exists()),
-        warnings=tuple(warnings),
+        warnings=tuple(one_line(line) for line in warnings),  # pipe URLs and keys as written
     )
 
 
@@ -625,8 +643,8 @@ def parse_time(value: Any) -> int | None:
     if isinstance(value, datetime):
         moment = value
     elif isinstance(value, str):
-        if value.strip().isdigit():
-            return int(value)
+        if value.strip().isascii() and value.strip().isdigit():  # not '²', which int() refuses
+            return int(value) if len(value.strip()) <= 18 else None  # beyond: no time
         try:
             moment = datetime.fromisoformat(value.strip())
         except ValueError:

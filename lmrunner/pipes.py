@@ -27,7 +27,7 @@ from lmrunner.config import VAC_MODELS, MachinetypeConfig, PipeConfig, vac_names
 from lmrunner.errors import PipeError
 from lmrunner.fetch import FetchError, fetch_bytes
 from lmrunner.schema import Problems, build
-from lmrunner.yamlsrc import Located, Where, located_from
+from lmrunner.yamlsrc import Located, Where, decode_text, located_from, one_line, tree_problem
 
 LOG = logging.getLogger(__name__)
 
@@ -99,14 +99,13 @@ class PipeStore:
         return self.cache_dir / f"{name}.json"
 
     def load(self, name: str) -> CachedPipe | None:
-        """The cached copy, or None when there is none (or it is unreadable)."""
+        """The cached copy, or None when there is none (or it is unusable: logged)."""
         try:
-            data = json.loads(self.path(name).read_text())
-            return CachedPipe(str(data["url"]), float(data["fetched_at"]), dict(data["document"]))
+            return read_cache(self.path(name))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            LOG.warning("pipe %s: ignoring unreadable cache %s: %s", name, self.path(name), err)
+        except PipeError as err:
+            LOG.warning("pipe %s: ignoring the cached copy: %s", name, err)
             return None
 
     def documents(self, pipes: Mapping[str, PipeConfig]) -> dict[str, Mapping[str, Any]]:
@@ -138,9 +137,14 @@ class PipeStore:
             LOG.warning("pipe %s: refresh failed: %s; %s", pipe.name, err, kept)
             return RefreshResult(pipe.name, "failed", f"{err}; {kept}", cached)
         fresh = CachedPipe(pipe.url, moment, document)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         payload = {"url": fresh.url, "fetched_at": fresh.fetched_at, "document": document}
-        atomic.write_text(self.path(pipe.name), json.dumps(payload, indent=1, sort_keys=True))
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(self.path(pipe.name), json.dumps(payload, indent=1, sort_keys=True))
+        except OSError as err:  # disk full, a folder in the way: the old copy stays the good one
+            kept = "keeping the last good copy" if cached else "no copy yet: its machinetypes wait"
+            LOG.warning("pipe %s: cannot store the fetched copy: %s; %s", pipe.name, err, kept)
+            return RefreshResult(pipe.name, "failed", f"cannot store it: {err}; {kept}", cached)
         return RefreshResult(pipe.name, "fetched", f"fetched {pipe.url}", fresh)
 
 
@@ -155,14 +159,78 @@ def fetch_document(pipe: PipeConfig, session: requests.Session) -> Mapping[str, 
             pipe.url, max_bytes=pipe.max_bytes, timeout=pipe.timeout_seconds, session=session
         )
     except FetchError as err:
-        raise PipeError(str(err)) from err
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError) as err:  # RecursionError: nested too deep
-        raise PipeError(f"{pipe.url}: not JSON: {err}") from err
+        raise PipeError(one_line(str(err))) from err
+    return parse_document(body, pipe.url)
+
+
+def parse_document(body: bytes, source: str) -> dict[str, Any]:
+    """A pipe document (UTF-8 JSON, an object with a ``machinetypes`` list) from ``source``.
+
+    Raises:
+        PipeError: one line naming ``source`` and what is wrong (the first bad byte's offset
+            when it is no UTF-8 text).
+    """
+    document = _parse_json(body, source)
     if not isinstance(document, dict) or not isinstance(document.get("machinetypes"), list):
-        raise PipeError(f"{pipe.url}: expected an object with a 'machinetypes' list")
+        raise PipeError(f"{one_line(source)}: expected an object with a 'machinetypes' list")
     return document
+
+
+def read_cache(path: Path) -> CachedPipe:
+    """The cached copy in ``path`` (written by :meth:`PipeStore.refresh`).
+
+    Raises:
+        FileNotFoundError: there is none.
+        PipeError: it cannot be read or is no cached copy of a pipe document (one line).
+    """
+    name = one_line(str(path))
+    try:
+        body = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise PipeError(f"{name}: cannot read: {err.strerror or err}") from err
+    data = _parse_json(body, str(path))
+    url = data.get("url") if isinstance(data, dict) else None
+    fetched_at = data.get("fetched_at") if isinstance(data, dict) else None
+    if (
+        not isinstance(url, str)
+        or isinstance(fetched_at, bool)
+        or not isinstance(fetched_at, int | float)
+        or not math.isfinite(fetched_at)
+    ):
+        raise PipeError(f"{name}: expected an object with 'url', 'fetched_at' and 'document'")
+    document = data.get("document")
+    if not isinstance(document, dict) or not isinstance(document.get("machinetypes"), list):
+        raise PipeError(f"{name}: document: expected an object with a 'machinetypes' list")
+    return CachedPipe(url, float(fetched_at), document)
+
+
+def _parse_json(body: bytes, source: str) -> Any:
+    """Strict JSON: UTF-8 (json.loads would also take UTF-16 and -32), no NaN or Infinity,
+    no number beyond a float, and nothing :func:`~lmrunner.yamlsrc.tree_problem` refuses."""
+    text = decode_text(body, source, PipeError)
+    try:
+        data = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError as err:
+        raise PipeError(f"{one_line(source)}: not JSON: nested too deeply") from err
+    except ValueError as err:
+        raise PipeError(f"{one_line(source)}: not JSON: {one_line(str(err))}") from err
+    problem = tree_problem(data)
+    if problem:
+        raise PipeError(f"{one_line(source)}: {problem}")
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is no JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is beyond any number lmrunner takes")
+    return value
 
 
 def check_pipe(pipe: PipeConfig, raw: Located, problems: Problems) -> bool:

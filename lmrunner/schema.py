@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import re
 import types
 import typing
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lmrunner.yamlsrc import Located, Where
+from lmrunner.yamlsrc import MAX_INT, Located, Where, one_line
 
 
 class _Required:
@@ -89,7 +90,8 @@ class Problems:
         self.lines: list[str] = []
 
     def add(self, where: Where, path: str, message: str) -> None:
-        self.lines.append(f"{where}: {path}: {message}")
+        # Keys and file names come as written: a line break in one must not split the line.
+        self.lines.append(one_line(f"{where}: {path}: {message}"))
 
     def __bool__(self) -> bool:
         return bool(self.lines)
@@ -179,7 +181,10 @@ def _show(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return repr(value)
+    if isinstance(value, int) and abs(value) > MAX_INT:
+        return "a very large integer"  # its repr may be refused (more than 4300 digits)
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def _convert(value: Any, hint: Any, info: OptionInfo) -> Any:
@@ -237,6 +242,8 @@ def _convert(value: Any, hint: Any, info: OptionInfo) -> Any:
             number = int(value)
         except ValueError as err:
             raise _Bad(_describe(int, info)) from err
+        if abs(number) > MAX_INT:
+            raise _Bad(_describe(int, info))
         _check_bounds(number, info, int)
         return number
     if hint is float:
@@ -244,8 +251,10 @@ def _convert(value: Any, hint: Any, info: OptionInfo) -> Any:
             raise _Bad(_describe(float, info))
         try:
             real = float(value)
-        except ValueError as err:
+        except (ValueError, OverflowError) as err:  # OverflowError: an int beyond any float
             raise _Bad(_describe(float, info)) from err
+        if not math.isfinite(real):  # nan passes every bound check; inf is no amount
+            raise _Bad(_describe(float, info))
         _check_bounds(real, info, float)
         return real
     if hint is str:

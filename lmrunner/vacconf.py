@@ -30,7 +30,7 @@ from lmrunner.config import (
 )
 from lmrunner.errors import ConfigError
 from lmrunner.schema import Problems, convert, fields_of, info_of
-from lmrunner.yamlsrc import Where
+from lmrunner.yamlsrc import Where, one_line, read_text
 
 VAC_DIR = "/var/lib/vac/machinetypes"
 FAMILIES = {
@@ -94,7 +94,8 @@ def convert_vac_conf(files: Sequence[Path]) -> Conversion:
     run = _Run()
     settings = sections.get(("settings", ""), {})
     if "vac_space" not in settings:
-        raise ConfigError(f"{', '.join(map(str, files))}: [settings] vac_space: required by Vac")
+        names = one_line(", ".join(map(str, files)))
+        raise ConfigError(f"{names}: [settings] vac_space: required by Vac")
     factory = _options(FactoryConfig, settings, "", run)
     factory["state_dir"] = "/var/lib/lmrunner"
     run.notes[("factory", "state_dir")] = ["lmrunner does not share Vac's /var/lib/vac"]
@@ -120,14 +121,17 @@ def convert_vac_conf(files: Sequence[Path]) -> Conversion:
             reason = REJECTED_SECTIONS.get(kind.lower(), f"section {UNKNOWN}")
             run.dropped += [f"{f}: [{h}] {o}: {reason}" for o, (_, f, h) in options.items()]
     if run.problems:
-        raise ConfigError("\n".join(run.problems.lines), errors=tuple(run.problems.lines))
+        problems = tuple(one_line(line) for line in run.problems.lines)  # names as written
+        raise ConfigError("\n".join(problems), errors=problems)
+    # Option and section names as written; a line break would also end a YAML comment below.
+    run.dropped = [one_line(line) for line in run.dropped]
     data = {
         "factory": _ordered(FactoryConfig, factory),
         "machinetypes": machinetypes,
         "vacuum_pipes": pipes,
     }
     header = ["lmrunner configuration converted from Vac's (later files override earlier):"]
-    header += [f"  {f}" for f in files]
+    header += [f"  {one_line(str(f))}" for f in files]
     header += ["Not carried over:", *(f"  {line}" for line in run.dropped)] if run.dropped else []
     lines = [f"# {line}".rstrip() for line in header] + _emit(data, run.notes, (), 0)
     return Conversion("\n".join(lines) + "\n", tuple(run.dropped))
@@ -198,21 +202,18 @@ def _read(files: Sequence[Path]) -> _Sections:
     """All files merged as Vac's single parser would, remembering where each value came from."""
     sections: _Sections = {}
     for path in files:
-        try:
-            text = path.read_text()
-        except FileNotFoundError as err:
-            raise ConfigError(f"{path}: no such file") from err
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read: {err.strerror}") from err
+        text = read_text(path)
         # strict=False: Vac's Python 2 parser let a repeated option win instead of failing.
         parser = configparser.RawConfigParser(strict=False, default_section="\0")
         try:
             parser.read_string(text, source=str(path))
         except configparser.MissingSectionHeaderError as err:
-            raise ConfigError(f"{path}:{err.lineno}: option outside any [section]") from err
+            where = f"{one_line(str(path))}:{err.lineno}"
+            raise ConfigError(f"{where}: option outside any [section]") from err
         except configparser.ParsingError as err:
             lineno, line = err.errors[0]
-            raise ConfigError(f"{path}:{lineno}: cannot parse {line.strip()!r}") from err
+            where = f"{one_line(str(path))}:{lineno}"
+            raise ConfigError(f"{where}: cannot parse {line.strip()!r}") from err
         for header in parser.sections():
             word, _, name = header.strip().partition(" ")
             kind = {"vmtype": "machinetype"}.get(word.lower(), word.lower())

@@ -70,9 +70,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = args.run(args)
     except ConfigError as err:
         for line in err.errors:
-            print(f"lmrunner: {line}", file=sys.stderr)
+            print(f"lmrunner: {_printable(line)}", file=sys.stderr)
         return 1
     except LmrunnerError as err:
-        print(f"lmrunner: {err}", file=sys.stderr)
+        print(f"lmrunner: {_printable(str(err))}", file=sys.stderr)
         return 1
     return status
+
+
+def _printable(text: str) -> str:
+    """One line for stderr, whatever the names and values it quotes hold."""
+    from lmrunner.yamlsrc import one_line  # imports YAML: only when something failed
+
+    return one_line(text)

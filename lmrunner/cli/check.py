@@ -10,6 +10,7 @@ import yaml
 
 from lmrunner.cli.common import common_options, load, pipe_summary
 from lmrunner.config import Config, as_dict
+from lmrunner.yamlsrc import one_line
 
 
 def host_report(config: Config) -> list[str]:
@@ -71,10 +72,11 @@ def run(args: argparse.Namespace) -> int:
             )
     if args.quiet:
         return 0
-    header = [f"# effective configuration from {', '.join(map(str, config.files))}"]
-    header += [f"# {pipe_summary(config, pipe)}" for pipe in config.pipes.values()]
+    header = [f"effective configuration from {', '.join(map(str, config.files))}"]
+    header += [pipe_summary(config, pipe) for pipe in config.pipes.values()]
     if not args.no_probe:
-        header += [f"# {line}" for line in host_report(config)]
-    print("\n".join(header))
+        header += host_report(config)
+    # File names and URLs as written: a line break (or undecodable byte) must not break YAML.
+    print("\n".join(f"# {one_line(line)}" for line in header))
     print(yaml.safe_dump(as_dict(config), sort_keys=False, default_flow_style=False), end="")
     return 0

@@ -252,6 +252,26 @@ def _fail_refused(server: PipeServer) -> None:
     server.stop()
 
 
+def _fail_not_utf8(server: PipeServer) -> None:
+    server.serve(b'{"machinetypes": ["\xff"]}')
+
+
+def _fail_utf16(server: PipeServer) -> None:
+    server.serve(json.dumps(DOC).encode("utf-16"))  # json.loads alone would take it
+
+
+def _fail_nan(server: PipeServer) -> None:
+    server.serve('{"machinetypes": [], "cache_seconds": NaN}')
+
+
+def _fail_nul_escape(server: PipeServer) -> None:
+    server.serve('{"machinetypes": [{"suffix": "prod", "root_image": "x\\u0000"}]}')
+
+
+def _fail_nested_deeper(server: PipeServer) -> None:
+    server.serve('{"machinetypes": [' + "[" * 40 + "]" * 40 + "]}")
+
+
 FAILURES = {
     "http-500": (_fail_500, "HTTPError: 500 Server Error"),
     "not-json": (_fail_not_json, ": not JSON: "),
@@ -259,6 +279,11 @@ FAILURES = {
     "nested-too-deep": (_fail_nested_too_deep, ": not JSON: "),
     "wrong-shape": (_fail_wrong_shape, ": expected an object with a 'machinetypes' list"),
     "connection-refused": (_fail_refused, ": ConnectionError: "),
+    "not-utf8": (_fail_not_utf8, ": not UTF-8 text (byte 19)"),
+    "utf16": (_fail_utf16, ": not UTF-8 text (byte 0)"),
+    "nan": (_fail_nan, ": not JSON: NaN is no JSON number"),
+    "nul-escape": (_fail_nul_escape, ": a text holds a NUL character: 'x\\x00'"),
+    "nested-deeper": (_fail_nested_deeper, ": nested deeper than 32 levels"),
 }
 
 
@@ -328,12 +353,26 @@ def test_url_change_invalidates_the_cached_copy(tmp_path: Path, server: PipeServ
 
 
 @pytest.mark.parametrize(
-    "content", ["not json", "[]", '{"url": "x"}', '{"url": "x", "fetched_at": "t", "document": {}}']
+    "content",
+    [
+        "not json",
+        "[]",
+        '{"url": "x"}',
+        '{"url": "x", "fetched_at": "t", "document": {}}',
+        '{"url": "x", "fetched_at": 1, "document": {"machinetypes": 5}}',
+        '{"url": "x", "fetched_at": 1e999, "document": {"machinetypes": []}}',
+        '{"url": "x", "fetched_at": ' + "9" * 400 + ', "document": {"machinetypes": []}}',
+        b'{"url": "x", "fetched_at": 1, "document": {"machinetypes": ["\xc3"]}}',
+        b"\x00\x01binary",
+        "[" * 100000,
+    ],
 )
-def test_unreadable_cache_is_ignored(tmp_path: Path, server: PipeServer, content: str) -> None:
+def test_unreadable_cache_is_ignored(
+    tmp_path: Path, server: PipeServer, content: str | bytes
+) -> None:
     _, config, store = http_setup(tmp_path, server)
     store.cache_dir.mkdir(parents=True)
-    store.path("vo").write_text(content)
+    store.path("vo").write_bytes(content if isinstance(content, bytes) else content.encode())
     assert store.load("vo") is None
     assert store.documents(config.pipes) == {}
     assert store.refresh(config.pipes["vo"], at=T0).status == "fetched"
@@ -733,6 +772,31 @@ def test_malformed_entry_is_rejected_and_the_others_load(tmp_path: Path, case: s
     assert "\n" not in config.warnings[0]
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (
+            {"image_signing_dn": "(CN=x"},
+            "image_signing_dn: expected a regular expression (missing ), unterminated subpattern "
+            "at position 0)",
+        ),
+        (
+            {"min_processors": 4, "max_processors": 2},
+            "max_processors: expected at least min_processors (4), got 2",
+        ),
+    ],
+)
+def test_entry_failing_checks_across_options_is_rejected_alone(
+    tmp_path: Path, bad: dict[str, Any], message: str
+) -> None:
+    # Each value is fine on its own; together they are not: only the entry may go.
+    config = expand(tmp_path, PROD, {**TEST, "suffix": "bad", **bad}, TEST)
+    assert set(config.machinetypes) == {"vo-prod", "vo-test"}
+    assert config.warnings == (
+        f"pipe vo ({PIPE_URL}) entry 1 'bad': machinetypes.vo-bad.{message}; machinetype ignored",
+    )
+
+
 def test_overrides_can_complete_an_entry(tmp_path: Path) -> None:
     config = expand(
         tmp_path,
@@ -890,3 +954,19 @@ def test_https_pipe_redirected_to_http_is_refused(tmp_path: Path, server: PipeSe
     assert result.status == "failed"
     assert "redirected to http://127.0.0.1" in result.detail
     assert "which is not https" in result.detail
+
+
+def test_unreadable_cache_warning_names_file_and_byte(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = PipeStore(tmp_path)
+    store.path("vo").write_bytes(b'{"url": "\xff"}')
+    with caplog.at_level(logging.WARNING, logger="lmrunner.pipes"):
+        assert store.load("vo") is None
+    assert caplog.messages == [
+        f"pipe vo: ignoring the cached copy: {store.path('vo')}: not UTF-8 text (byte 9)"
+    ]
+    store.path("vo").unlink()
+    store.path("vo").mkdir()  # a folder where the copy belongs
+    assert store.load("vo") is None
+    assert caplog.messages[-1].endswith(f"{store.path('vo')}: cannot read: Is a directory")

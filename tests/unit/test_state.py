@@ -22,7 +22,15 @@ from lmrunner.lifecycle import (
     heartbeat_outcome,
 )
 from lmrunner.model import Limits
-from lmrunner.state import DB_NAME, MIGRATIONS, SCHEMA_VERSION, LmRecord, Store, StoreError, StoreUnwritable
+from lmrunner.state import (
+    DB_NAME,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    LmRecord,
+    Store,
+    StoreError,
+    StoreUnwritable,
+)
 
 S = LmState
 GIB = 1024**3

@@ -223,3 +223,52 @@ def test_settings_files_http_pipe_and_imageless_type(tmp_path: Path) -> None:
     assert [d.split("] ")[1].split(":")[0] for d in result.dropped] == ["user_data", "root_image"]
     config = _write(tmp_path, "lmrunner.yaml", result.yaml_text)
     load_config(config, hostname="vac01.example.com", cpus=4, check_files=False)
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"[settings]\nvac_space = caf\xe9\n", "{f}: not UTF-8 text (byte 26)"),
+        ("[settings]\n".encode("utf-16"), "{f}: not UTF-8 text (byte 0)"),
+        (b"[settings]\nvac_space = a\x00b\n", "{f}: not text: NUL character (byte 24)"),
+        (b"\x1f\x8b\x08\x00binary", "{f}: not UTF-8 text (byte 1)"),  # gzip
+    ],
+)
+def test_files_that_are_not_text(tmp_path: Path, data: bytes, error: str) -> None:
+    path = tmp_path / "vac.conf"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as caught:
+        convert_vac_conf([path])
+    assert caught.value.errors == (error.format(f=path),)
+
+
+def test_a_folder_is_no_file_and_a_bom_is_fine(tmp_path: Path) -> None:
+    (tmp_path / "vac.d").mkdir()
+    with pytest.raises(ConfigError) as caught:
+        convert_vac_conf([tmp_path / "vac.d"])
+    assert caught.value.errors == (f"{tmp_path / 'vac.d'}: cannot read: Is a directory",)
+    path = tmp_path / "vac.conf"
+    path.write_bytes(b"\xef\xbb\xbf[settings]\nvac_space = vac.example.com\n")  # Notepad's
+    assert yaml.safe_load(convert_vac_conf([path]).yaml_text)["factory"]["space"] == (
+        "vac.example.com"
+    )
+
+
+def test_odd_names_stay_on_one_line_and_out_of_the_yaml(tmp_path: Path) -> None:
+    # configparser splits lines at \n only: \x85 and \u2028 stay in names, yet YAML and
+    # str.splitlines() break lines there.
+    path = _write(
+        tmp_path,
+        "vac.conf",
+        "[settings]\nvac_space = vac.example.com\nodd\x85name = 1\n[odd\u2028section]\nx = 1\n",
+    )
+    result = convert_vac_conf([path])
+    assert result.dropped == (
+        f"{path}: [settings] odd\\x85name: unknown to Vac and lmrunner",
+        f"{path}: [odd\\u2028section] x: section unknown to Vac and lmrunner",
+    )
+    assert yaml.safe_load(result.yaml_text)["factory"]["space"] == "vac.example.com"
+    path.write_text("[settings]\nvac_space = vac.example.com\n[machinetype a\x0bb]\nx = 1\n")
+    with pytest.raises(ConfigError) as caught:
+        convert_vac_conf([path])
+    assert caught.value.errors == (f"{path}: [machinetype a\\x0bb]: expected [a-z0-9-]",)

@@ -131,3 +131,45 @@ def test_check_warns_about_widened_capabilities(
         "lmrunner: warning: machinetypes.lhcb-dc.capabilities: LMs get SYS_ADMIN beyond "
         "lmrunner's reduced default set\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("command", "name", "data", "error"),
+    [
+        ("check", "bad.yaml", b"factory:\n  space: \xff\n", "not UTF-8 text (byte 18)"),
+        ("check", "bad.yaml", b"\x7fELF\x02\x01\x01\x00", "not text: NUL character (byte 7)"),
+        ("check", "bad.yaml", b"a: " + b"[" * 5000, "invalid YAML: nested too deeply"),
+        ("import-vac-conf", "bad.conf", b"[settings]\n\xfe\xff", "not UTF-8 text (byte 11)"),
+        ("import-vac-conf", "bad.conf", b"[settings]\x00", "not text: NUL character (byte 10)"),
+    ],
+)
+def test_files_that_are_not_text_give_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    name: str,
+    data: bytes,
+    error: str,
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    args = [command, "--config", str(path)] if command == "check" else [command, str(path)]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", f"lmrunner: {path}: {error}\n")
+
+
+def test_check_keeps_odd_file_names_on_their_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "a\nb.yaml"
+    path.write_text(f"factory:\n  space: space.example.com\n  state_dir: {tmp_path / 'state'}\n")
+    assert main(["check", "--config", str(path), "--no-probe"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# effective configuration from {tmp_path}/a\\nb.yaml\n")
+    assert yaml.safe_load(out)["factory"]["space"] == "space.example.com"
+    path.write_text("factory: [\x0b]\n")
+    assert main(["check", "--config", str(path)]) == 1
+    assert capsys.readouterr().err == (
+        f"lmrunner: {tmp_path}/a\\nb.yaml: invalid YAML: control character U+000B (byte 10)\n"
+    )
