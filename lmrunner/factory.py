@@ -26,20 +26,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lmrunner import payload, slots, spec, statedir, untrusted
+from lmrunner import slots, spec, statedir
 from lmrunner.backends.base import Backend, EngineState, Health, Owned
 from lmrunner.cgroups import CgroupController
 from lmrunner.config import Config
 from lmrunner.ending import RESTART_OUTCOME, UNRECORDED_OUTCOME, Endings, accounting_record
+from lmrunner.enforce import Enforcer
 from lmrunner.errors import BackendError, BackendUnavailable, LmrunnerError, MachineNotFound
 from lmrunner.guard import guarded
 from lmrunner.lifecycle import (
     LmState,
-    Outcome,
-    heartbeat_problem,
     operator_outcome,
     start_failed_outcome,
-    wallclock_outcome,
 )
 from lmrunner.lmcgroups import LmCgroups, cgroup_name, host_cgroups
 from lmrunner.reconcile import Reaper, cleanup_directories
@@ -100,6 +98,7 @@ class Factory:
         self.lm_cgroups = LmCgroups(cgroups, store)
         self.endings = Endings(store, self.lm_cgroups, clock)
         self.reaper = Reaper(store, clock, tuning.orphan_grace_seconds)
+        self.enforcer = Enforcer(store, clock, clock())
         self.tuning = tuning
         self.clock = clock
         self.rng = rng or random.Random()
@@ -166,7 +165,15 @@ class Factory:
         active = []
         for record in self.store.active():
             with guarded(record.name):
-                record = self._enforce(report, record, now)
+                try:
+                    record, stopping = self.enforcer.enforce(
+                        self.config, self.backends, record, now
+                    )
+                except BackendError as err:  # it could not kill: its engine is in trouble
+                    self._unavailable(self.backends[record.backend], err)
+                else:
+                    if stopping:
+                        report.stopping.append(record.name)
             active.append(record)
         if self.store_problem is not None:
             report.blocked = self.store_problem
@@ -199,10 +206,13 @@ class Factory:
         record = self.store.get(uuid)
         if record is None or not record.active or record.handle is None:
             return
+        backend = self.backends.get(record.backend)
         force = action == "kill"
-        with guarded(record.name):
-            self._stop(record, operator_outcome(force), grace=0 if force else grace)
-            report.stopping.append(record.name)
+        if backend is not None:
+            with guarded(record.name):
+                self.enforcer.stop(self.config, backend, record, operator_outcome(force),
+                                   grace=0 if force else grace)  # fmt: skip
+                report.stopping.append(record.name)
 
     def _handle_events(self, report: PassReport) -> None:
         seen: set[str] = set()
@@ -280,74 +290,6 @@ class Factory:
         if backend.name not in self.unavailable:
             LOG.error("backend=%s: unavailable, its machinetypes wait: %s", backend.name, why)
         self.unavailable[backend.name] = str(why)
-
-    # --- enforcement ---------------------------------------------------------------------------
-
-    def _stop(self, record: LmRecord, reason: Outcome, *, grace: float | None = None) -> LmRecord:
-        """Ask an LM to stop; it is killed when its grace period runs out."""
-        backend = self.backends.get(record.backend)
-        if backend is None or record.handle is None:
-            return record
-        mt = self.config.machinetypes.get(record.machinetype)
-        seconds = grace if grace is not None else (mt.stop_grace_seconds if mt else 60)
-        if record.state is not LmState.STOPPING:
-            record = self.store.transition(
-                record.uuid,
-                LmState.STOPPING,
-                stop_reason=reason,
-                stop_deadline=self.clock() + seconds,
-            )
-        assert record.handle is not None
-        try:
-            backend.stop(record.uuid, record.handle, force=seconds <= 0)
-        except BackendError as err:  # the kill is retried when the grace period is over
-            LOG.error("lm=%s: cannot signal it now: %s", record.name, err)
-        LOG.info("lm=%s: stopping (%s), kill after %.0f s", record.name, reason.message, seconds)
-        return record
-
-    def _enforce(self, report: PassReport, record: LmRecord, now: float) -> LmRecord:
-        """Shutdowntimes, heartbeat files, and grace periods that ran out; the record after."""
-        if record.handle is None:
-            return record
-        if record.state is LmState.STOPPING:
-            backend = self.backends.get(record.backend)
-            due = record.stop_deadline is not None and now >= record.stop_deadline
-            if backend is not None and due:
-                try:
-                    backend.stop(record.uuid, record.handle, force=True)
-                except BackendError as err:
-                    self._unavailable(backend, err)
-            return record
-        if record.state is not LmState.RUNNING:
-            return record
-        factory_end = self.config.factory.shutdown_time
-        if factory_end is not None and factory_end < record.shutdown_time:
-            try:
-                payload.update_shutdowntime(record.directory, factory_end)
-            except OSError as err:  # its folder vanished: the record still gets the time
-                LOG.error("lm=%s: cannot lower its shutdowntime files: %s", record.name, err)
-            record = self.store.update(record.uuid, shutdown_time=factory_end)
-        reason = wallclock_outcome() if now >= record.shutdown_time else None
-        mt = self.config.machinetypes.get(record.machinetype)
-        if reason is None and mt is not None and mt.heartbeat_file and record.started:
-            beat_file = mt.heartbeat_file
-
-            def beat_mtime() -> float | None:  # lstat of a regular file: a link is no heartbeat
-                beat = untrusted.lstat_regular(record.directory / "joboutputs", beat_file)
-                return None if beat is None else beat.st_mtime
-
-            reason = heartbeat_problem(
-                now=now,
-                started=record.started,
-                daemon_started=self.started_at,
-                fizzle_seconds=mt.fizzle_seconds,
-                heartbeat_seconds=mt.heartbeat_seconds,
-                beat_mtime=beat_mtime,
-            )
-        if reason is not None:
-            record = self._stop(record, reason)
-            report.stopping.append(record.name)
-        return record
 
     # --- starting ----------------------------------------------------------------------------
 
