@@ -30,9 +30,9 @@ from pathlib import Path
 
 from lmrunner.backends.base import Handle
 from lmrunner.backends.fake import FakeBackend
-from lmrunner.config import load_config
 from lmrunner.factory import Factory, Tuning
 from lmrunner.lifecycle import LmState
+from lmrunner.loader import load_config
 from lmrunner.model import Limits
 from lmrunner.state import LmRecord, Store
 

@@ -23,10 +23,11 @@ from typing import Any
 import requests
 
 from lmrunner import atomic
-from lmrunner.config import VAC_MODELS, MachinetypeConfig, PipeConfig, vac_names
+from lmrunner.config import MachinetypeConfig, PipeConfig
 from lmrunner.errors import PipeError
 from lmrunner.fetch import FetchError, fetch_bytes
 from lmrunner.schema import Problems, build
+from lmrunner.vactables import VAC_MODELS, vac_names
 from lmrunner.yamlsrc import Located, Where, decode_text, located_from, one_line, tree_problem
 
 LOG = logging.getLogger(__name__)

@@ -21,15 +21,13 @@ import yaml
 from lmrunner.config import (
     NAME_PATTERN,
     STANDARD_MACHINEFEATURES,
-    VAC_MODELS,
-    VAC_NOT_CARRIED,
     FactoryConfig,
     MachinetypeConfig,
     PipeConfig,
-    vac_names,
 )
 from lmrunner.errors import ConfigError
 from lmrunner.schema import Problems, convert, fields_of, info_of
+from lmrunner.vactables import VAC_MODELS, VAC_NOT_CARRIED, vac_names
 from lmrunner.yamlsrc import Where, one_line, read_text
 
 VAC_DIR = "/var/lib/vac/machinetypes"

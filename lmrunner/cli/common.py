@@ -46,7 +46,7 @@ def load(
     args: argparse.Namespace, *, refresh_pipes: bool = False, check_files: bool = True
 ) -> Config:
     """Load the configuration with the pipes' cached documents (refreshed first if asked)."""
-    from lmrunner.config import load_config
+    from lmrunner.loader import load_config
     from lmrunner.pipes import PipeStore
 
     bare = _with_state_dir(load_config(args.config, check_files=False), args.state_dir)
@@ -72,7 +72,7 @@ def state_dir(args: argparse.Namespace) -> Path:
     """--state-dir, else the configured one (so read-only commands work without a config)."""
     if args.state_dir is not None:
         return Path(args.state_dir)
-    from lmrunner.config import load_config
+    from lmrunner.loader import load_config
 
     return load_config(args.config, check_files=False).factory.state_dir
 

@@ -9,8 +9,9 @@ import argparse
 import sys
 from typing import Any
 
-from lmrunner.config import VAC_NOT_CARRIED, FactoryConfig, MachinetypeConfig, PipeConfig
+from lmrunner.config import FactoryConfig, MachinetypeConfig, PipeConfig
 from lmrunner.schema import default_text, fields_of, info_of, type_text
+from lmrunner.vactables import VAC_NOT_CARRIED
 
 INTRO = """\
 # lmrunner configuration reference

@@ -22,8 +22,9 @@ import yaml
 
 from lmrunner.backends import make_backends
 from lmrunner.backends.base import Backend
-from lmrunner.config import Config, load_config
+from lmrunner.config import Config
 from lmrunner.factory import Factory, Tuning, host_cgroups
+from lmrunner.loader import load_config
 from lmrunner.state import Store
 
 

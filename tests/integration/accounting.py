@@ -21,9 +21,10 @@ import yaml
 
 from lmrunner.accounting import Flag
 from lmrunner.cgroups import CgroupRef
-from lmrunner.config import Config, load_config
+from lmrunner.config import Config
 from lmrunner.factory import Factory, host_cgroups
 from lmrunner.lifecycle import OutcomeSource
+from lmrunner.loader import load_config
 from lmrunner.process import identify, stat_fields
 from lmrunner.state import LmRecord
 from tests.integration.conftest import TIMESCALE, Factories, drive

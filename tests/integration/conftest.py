@@ -131,8 +131,8 @@ def remove_lms(config_file: Path) -> int:
     """Kill and remove every LM a test's daemon left running, with its cgroup (LMs outlive
     their daemon by design; tests must not leave them)."""
     from lmrunner.backends import make_backends
-    from lmrunner.config import load_config
     from lmrunner.factory import Factory, host_cgroups
+    from lmrunner.loader import load_config
     from lmrunner.state import Store
 
     config = load_config(config_file)

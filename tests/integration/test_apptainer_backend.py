@@ -28,9 +28,10 @@ import yaml
 from lmrunner.backends.apptainer import PLACEMENT, ApptainerBackend
 from lmrunner.backends.base import LABEL_FACTORY, LABEL_NAME, LABEL_UUID, MachineSpec
 from lmrunner.cgroups import CgroupController, CgroupRef
-from lmrunner.config import Config, FactoryConfig, load_config
+from lmrunner.config import Config, FactoryConfig
 from lmrunner.factory import Factory, host_cgroups
 from lmrunner.lifecycle import LmState, OutcomeSource
+from lmrunner.loader import load_config
 from lmrunner.model import Limits, Mount
 from lmrunner.state import LmRecord, Store
 from tests.integration.conftest import (

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 import yaml
 
-from lmrunner.config import Config, load_config
+from lmrunner.config import Config
 from lmrunner.factory import Factory
 from lmrunner.lifecycle import LmState, OutcomeSource
+from lmrunner.loader import load_config
 from lmrunner.state import Store
 from tests.integration.conftest import (
     REPO,

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from lmrunner.backends import PLACEMENTS
-from lmrunner.config import load_config
+from lmrunner.loader import load_config
 from lmrunner.payload import (
     Prepared,
     limits_for,

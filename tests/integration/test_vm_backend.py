@@ -22,9 +22,10 @@ import yaml
 
 from lmrunner import runner
 from lmrunner.backends import vm
-from lmrunner.config import Config, load_config
+from lmrunner.config import Config
 from lmrunner.factory import Factory
 from lmrunner.lifecycle import LmState, OutcomeSource
+from lmrunner.loader import load_config
 from lmrunner.state import LmRecord
 from tests.integration.conftest import REPO, Factories, drive
 

@@ -11,8 +11,8 @@ import yaml
 from lmrunner.backends.base import Health, Probe
 from lmrunner.backends.docker import DockerBackend
 from lmrunner.backends.fake import FakeBackend
-from lmrunner.config import load_config
 from lmrunner.factory import Factory, Tuning
+from lmrunner.loader import load_config
 from lmrunner.state import Store
 
 

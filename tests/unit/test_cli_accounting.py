@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from lmrunner import apel
-from lmrunner import config as config_mod
+from lmrunner import loader as config_mod
 from lmrunner.accounting import AccountingRecord, Flag
 from lmrunner.cli import main
 from lmrunner.cli.accounting import parse_when

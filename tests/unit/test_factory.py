@@ -19,7 +19,7 @@ import yaml
 
 from lmrunner.backends.base import LABEL_FACTORY, LABEL_NAME, LABEL_UUID, Handle, MachineSpec
 from lmrunner.backends.fake import FakeBackend
-from lmrunner.config import Config, load_config
+from lmrunner.config import Config
 from lmrunner.factory import RESTART_OUTCOME, Factory, PassReport, Tuning
 from lmrunner.lifecycle import (
     LmState,
@@ -28,6 +28,7 @@ from lmrunner.lifecycle import (
     operator_outcome,
     wallclock_outcome,
 )
+from lmrunner.loader import load_config
 from lmrunner.model import Limits, Mount
 from lmrunner.state import LmRecord, Store
 

@@ -23,20 +23,15 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lmrunner.config import (
-    Config,
-    FactoryConfig,
-    MachinetypeConfig,
-    PipeConfig,
-    load_config,
-    vac_names,
-)
+from lmrunner.config import Config, FactoryConfig, MachinetypeConfig, PipeConfig
 from lmrunner.errors import ConfigError, LmrunnerError
 from lmrunner.lifecycle import parse_shutdown_message
+from lmrunner.loader import load_config
 from lmrunner.pipes import ACCEPTED_KEYS, parse_document, read_cache
 from lmrunner.schema import REQUIRED, fields_of
 from lmrunner.untrusted import read_message
 from lmrunner.vacconf import Conversion, convert_vac_conf
+from lmrunner.vactables import vac_names
 
 HOST = "factory01.example.com"
 URL = "https://pipes.example.com/vo.json"

@@ -17,8 +17,9 @@ import yaml
 
 from lmrunner import __version__, runner
 from lmrunner.backends import PLACEMENTS
-from lmrunner.config import Config, MjfEnvStyle, load_config
+from lmrunner.config import Config, MjfEnvStyle
 from lmrunner.errors import ConfigError
+from lmrunner.loader import load_config
 from lmrunner.model import MIB, Limits, Mount
 from lmrunner.payload import (
     LmIdentity,

@@ -14,8 +14,9 @@ import pytest
 import requests
 import yaml
 
-from lmrunner.config import BackendName, Config, load_config
+from lmrunner.config import BackendName, Config
 from lmrunner.errors import ConfigError
+from lmrunner.loader import load_config
 from lmrunner.pipes import DEFAULT_CACHE_SECONDS, CachedPipe, PipeStore
 
 HOST = "factory01.example.com"

@@ -13,7 +13,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmrunner.config import Config, load_config
+from lmrunner.config import Config
+from lmrunner.loader import load_config
 from lmrunner.slots import (
     Blocked,
     RunningLm,

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 import yaml
 
-from lmrunner.config import BackendName, load_config
+from lmrunner.config import BackendName
 from lmrunner.errors import ConfigError
+from lmrunner.loader import load_config
 from lmrunner.vacconf import Conversion, convert_vac_conf, default_vac_files
 
 DATA = Path(__file__).parents[1] / "data" / "vac"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmrunner import config as config_mod
+from lmrunner import loader as config_mod
 from lmrunner.cli import main
 from lmrunner.cli.reference import render
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from lmrunner import config as config_mod
+from lmrunner import loader as config_mod
 from lmrunner.cli import COMMANDS, build_parser, main
 from lmrunner.lifecycle import LmState, Outcome, OutcomeSource
 from lmrunner.model import Handle, Limits

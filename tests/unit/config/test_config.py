@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lmrunner.config import BackendName, Config, MjfEnvStyle, load_config
+from lmrunner.config import BackendName, Config, MjfEnvStyle
 from lmrunner.errors import ConfigError
+from lmrunner.loader import load_config
 
 GOOD = """\
 factory:

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from lmrunner.config import Config, load_config
+from lmrunner.config import Config
 from lmrunner.errors import ConfigError
+from lmrunner.loader import load_config
 from lmrunner.yamlsrc import MAX_FILE_BYTES
 
 GOOD = b"factory:\n  space: vac01.example.com\n  mb_per_processor: 1024\n"
