@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from lmrunner import __version__
+from lmrunner.cli.common import GLOBAL_OPTIONS, common_options, global_defaults
 from lmrunner.errors import ConfigError, LmrunnerError
 
 DESCRIPTION = (
@@ -42,7 +43,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported (all of them when None)."""
-    parser = argparse.ArgumentParser(prog="lmrunner", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(
+        prog="lmrunner", description=DESCRIPTION, parents=[common_options()]
+    )
     parser.add_argument("--version", action="version", version=f"lmrunner {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     loaded: set[str] = set()
@@ -60,9 +63,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lmrunner`` console script; returns the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in args_list if not a.startswith("-")), None)
+    command = _command(args_list)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(args_list)
+    global_defaults(args)
     if args.command is None:
         parser.print_help()
         return 0
@@ -76,6 +80,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lmrunner: {_printable(str(err))}", file=sys.stderr)
         return 1
     return status
+
+
+def _command(args: Sequence[str]) -> str | None:
+    """The subcommand's name: the first word that is neither an option nor a global option's
+    value (``lmrunner --config X ps`` runs ``ps``)."""
+    words = iter(args)
+    for word in words:
+        if word in GLOBAL_OPTIONS:
+            next(words, None)  # its value
+        elif not word.startswith("-"):
+            return word
+    return None
 
 
 def _printable(text: str) -> str:

@@ -20,14 +20,21 @@ if TYPE_CHECKING:
 DEFAULT_CONFIG = Path(lmrunner.DEFAULT_CONFIG)
 
 
+#: The options every command takes, before or after its name (``lmrunner --config X ps`` and
+#: ``lmrunner ps --config X``, as docker, git or systemctl take theirs).
+GLOBAL_OPTIONS = ("--config", "--state-dir")
+
+
 def common_options() -> argparse.ArgumentParser:
-    """--config and --state-dir, accepted by every subcommand (several factories side by side)."""
-    parent = argparse.ArgumentParser(add_help=False)
-    default = Path(os.environ.get("LMRUNNER_CONFIG") or DEFAULT_CONFIG)  # empty: unset
+    """--config and --state-dir, accepted by every subcommand (several factories side by side).
+
+    No defaults here (``SUPPRESS``): a subcommand's default would overwrite the value given
+    before the subcommand's name; :func:`global_defaults` fills in what neither place gave.
+    """
+    parent = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     parent.add_argument(
         "--config",
         type=Path,
-        default=default,
         metavar="PATH",
         help=f"configuration file; conf.d/*.yaml beside it are merged "
         f"(default: $LMRUNNER_CONFIG or {DEFAULT_CONFIG})",
@@ -35,11 +42,18 @@ def common_options() -> argparse.ArgumentParser:
     parent.add_argument(
         "--state-dir",
         type=Path,
-        default=None,
         metavar="DIR",
         help="state directory, overriding the configured factory.state_dir",
     )
     return parent
+
+
+def global_defaults(args: argparse.Namespace) -> None:
+    """The defaults of the global options that were given nowhere."""
+    if not hasattr(args, "config"):
+        args.config = Path(os.environ.get("LMRUNNER_CONFIG") or DEFAULT_CONFIG)  # empty: unset
+    if not hasattr(args, "state_dir"):
+        args.state_dir = None
 
 
 def load(
