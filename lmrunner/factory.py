@@ -15,7 +15,6 @@ end and accounting (:mod:`lmrunner.ending`), engine objects nobody holds and old
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
@@ -26,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from lmrunner import reload as reloading
 from lmrunner import slots, spec, statedir
 from lmrunner.backends.base import Backend, EngineState, Health, Owned
 from lmrunner.cgroups import CgroupController
@@ -106,8 +106,7 @@ class Factory:
         self.events: queue.Queue[str] = queue.Queue()
         self.stopping_requested = threading.Event()
         self.reload_requested = threading.Event()
-        #: Why the state directory cannot take more now (full, read-only); None when it can.
-        self.store_problem: str | None = None
+        self.state_dir = statedir.Watch(store, tuning.min_free_bytes, clock)
         self.started_at = clock()
         self.unavailable: dict[str, str] = {}  # backend -> why (its machinetypes do not start)
         self._next_reconcile = 0.0
@@ -153,7 +152,7 @@ class Factory:
         report = PassReport()
         now = self.clock()
         self._deadline = now + self.tuning.idle_wait_seconds  # if this pass ends early
-        self._check_state_dir()
+        self.state_dir.check(self.config.factory.state_dir)
         for uuid, action, grace in self.store.take_requests():
             self._request(report, uuid, action, grace)
         self._handle_events(report)
@@ -182,25 +181,10 @@ class Factory:
         self._deadline = self._next_deadline(active, now)
         return report
 
-    def _check_state_dir(self) -> None:
-        """Start nothing while the state directory is full or read-only (one log line when that
-        begins and one when it ends); what is recorded stays, ends are recorded when they can."""
-        problem = statedir.problem(self.config.factory.state_dir, self.tuning.min_free_bytes)
-        if problem is None and self.store_problem is not None:
-            try:  # writable again? (a write failed last time)
-                self.store.set_meta("writable_at", str(self.clock()))
-            except StoreUnwritable as err:
-                problem = str(err)
-        self._set_store_problem(problem)
-
-    def _set_store_problem(self, problem: str | None) -> None:
-        where = self.config.factory.state_dir
-        if problem is not None and self.store_problem is None:
-            LOG.error("state directory %s: %s; no LM starts until it can take more", where,
-                      problem)  # fmt: skip
-        elif problem is None and self.store_problem is not None:
-            LOG.warning("state directory %s: writable again; starting LMs", where)
-        self.store_problem = problem
+    @property
+    def store_problem(self) -> str | None:
+        """Why the state directory cannot take more now (full, read-only); None when it can."""
+        return self.state_dir.problem
 
     def _request(self, report: PassReport, uuid: str, action: str, grace: float | None) -> None:
         record = self.store.get(uuid)
@@ -436,7 +420,7 @@ class Factory:
             try:
                 report = self.run_pass()
             except StoreUnwritable as err:
-                self._set_store_problem(str(err))
+                self.state_dir.set(self.config.factory.state_dir, str(err))
                 report = PassReport(blocked=str(err))
             except StoreError:
                 raise
@@ -459,42 +443,11 @@ class Factory:
         self.events.put("")
 
     def reconfigure(self, config: Config, make: Callable[[str], Backend | None]) -> None:
-        """Use ``config`` from the next pass on. Backends it needs that are missing, or all of
-        them when the factory settings changed, are made anew with ``make(name)``, watched and
-        reattached to their running LMs. Running LMs of a machinetype that is gone run on and
-        are finalised as usual. The state directory and cgroup parent change only at a restart
-        (the store and the running LMs' cgroups live there)."""
-        old = self.config.factory
-        if (config.factory.state_dir, config.factory.cgroup_parent) != (
-            old.state_dir,
-            old.cgroup_parent,
-        ):
-            LOG.warning("factory.state_dir and factory.cgroup_parent change at a restart only")
-            config = replace(
-                config,
-                factory=replace(config.factory, state_dir=old.state_dir,
-                                cgroup_parent=old.cgroup_parent),
-            )  # fmt: skip
-        active = self.store.active()
-        needed = {mt.backend.value for mt in config.machinetypes.values()}
-        needed |= {record.backend for record in active}
-        remake = needed if config.factory != old else needed - set(self.backends)
-        backends = dict(self.backends)
-        for name in sorted(remake):
-            fresh = make(name)
-            if fresh is None:
-                continue  # not in this lmrunner; reported when the daemon started
-            if name in backends:
-                backends[name].close()
-            backends[name] = fresh
-            fresh.watch(self.events.put)
-            for record in active:
-                if record.backend == name and record.handle is not None:
-                    with guarded(record.name), contextlib.suppress(MachineNotFound):
-                        fresh.recover(record.uuid, record.handle)
-                    self.events.put(record.uuid)
-            LOG.info("backend=%s: made anew for the new configuration", name)
-        self.backends = backends
+        """Use ``config`` from the next pass on (:mod:`lmrunner.reload`)."""
+        config = reloading.pinned(self.config, config)
+        self.backends = reloading.remade(
+            self.config, config, self.backends, self.store.active(), make, self.events.put
+        )
         self.config = config
 
     def request_stop(self) -> None:

@@ -1,0 +1,61 @@
+"""A configuration reloaded (SIGHUP), applied between two passes: which backends are made anew
+and what of the running configuration a reload may not change."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+
+from lmrunner.backends.base import Backend
+from lmrunner.config import Config
+from lmrunner.errors import MachineNotFound
+from lmrunner.guard import guarded
+from lmrunner.state import LmRecord
+
+LOG = logging.getLogger("lmrunner.factory")
+
+
+def pinned(old: Config, new: Config) -> Config:
+    """``new``, with what changes only at a restart kept from ``old``: the state directory and
+    the cgroup parent (the store and the running LMs' cgroups live there)."""
+    keep = (old.factory.state_dir, old.factory.cgroup_parent)
+    if (new.factory.state_dir, new.factory.cgroup_parent) == keep:
+        return new
+    LOG.warning("factory.state_dir and factory.cgroup_parent change at a restart only")
+    factory = replace(new.factory, state_dir=keep[0], cgroup_parent=keep[1])
+    return replace(new, factory=factory)
+
+
+def remade(
+    old: Config,
+    new: Config,
+    backends: Mapping[str, Backend],
+    active: list[LmRecord],
+    make: Callable[[str], Backend | None],
+    notify: Callable[[str], None],
+) -> dict[str, Backend]:
+    """The backends for ``new``: those it needs that are missing, or all of them when the
+    factory settings changed, made anew with ``make(name)``, watched (``notify``) and reattached
+    to their running LMs (each of which ``notify`` is told about, to be looked at). Running LMs
+    of a machinetype that is gone run on, and are finalised as usual."""
+    needed = {mt.backend.value for mt in new.machinetypes.values()}
+    needed |= {record.backend for record in active}
+    remake = needed if new.factory != old.factory else needed - set(backends)
+    out = dict(backends)
+    for name in sorted(remake):
+        fresh = make(name)
+        if fresh is None:
+            continue  # not in this lmrunner; reported when the daemon started
+        if name in out:
+            out[name].close()
+        out[name] = fresh
+        fresh.watch(notify)
+        for record in active:
+            if record.backend == name and record.handle is not None:
+                with guarded(record.name), contextlib.suppress(MachineNotFound):
+                    fresh.recover(record.uuid, record.handle)
+                notify(record.uuid)
+        LOG.info("backend=%s: made anew for the new configuration", name)
+    return out
