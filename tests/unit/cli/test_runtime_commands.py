@@ -540,6 +540,30 @@ def test_logs_prints_every_file_with_a_header(
     )
 
 
+def test_logs_never_show_what_a_payload_links_to(
+    state: Path, store: Store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A payload owns joboutputs/: links to host files, FIFOs and huge files are not followed,
+    not waited on and not printed whole."""
+    secret = tmp_path / "shadow"
+    secret.write_text("root:secret-hash\n")
+    record = store.insert(finished(state, "vac01-00.example.com", 0))
+    joboutputs = record.directory / "joboutputs"
+    joboutputs.mkdir(parents=True)
+    (joboutputs / "leak").symlink_to(secret)
+    (joboutputs / "shutdown_message").symlink_to(secret)
+    os.mkfifo(joboutputs / "fifo")
+    with (joboutputs / "huge.out").open("wb") as huge:
+        huge.truncate(64 * 1024 * 1024)  # sparse: 64 MiB of NUL bytes
+    (record.directory / "container.log").symlink_to(secret)
+    assert run("logs", record.name, "--state-dir", state) == 0
+    out = capsys.readouterr().out
+    assert "secret-hash" not in out
+    assert out.count("not shown") == 4  # the three links and the FIFO
+    assert "… truncated: its last 1024 KiB" in out
+    assert len(out) < 2 * 1024 * 1024
+
+
 def test_logs_of_an_lm_without_logs(
     state: Path, store: Store, capsys: pytest.CaptureFixture[str]
 ) -> None:
