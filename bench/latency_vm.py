@@ -19,7 +19,9 @@ from typing import Any
 
 from latency_common import appearance, boottime
 
-from lmrunner.backends import vm, vm_drive, vm_kernel
+from lmrunner.backends import vm
+from lmrunner.backends.vm import drive as vm_drive
+from lmrunner.backends.vm import kernel as vm_kernel
 from lmrunner.config import FactoryConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,8 +37,8 @@ _accel: vm.Accel | None = None
 
 
 def accel() -> vm.Accel:
-    """The accelerator lmrunner picks here (probing KVM once; the factory then finds it cached
-    in this process, so no measured pass pays for the probe)."""
+    """The accelerator lmrunner picks here (probing KVM once; the factory's backend then finds
+    it in the host-wide cache file, so no measured pass pays for the probe)."""
     global _accel
     if _accel is None:
         config = FactoryConfig(space="bench.example.com", state_dir=Path("/nonexistent"))

@@ -12,6 +12,16 @@ same guarantees:
   more, so a pidfd tells when it ends (its status is then unknown to us).
 - A process is identified by pid **and** its start time (``/proc/<pid>/stat`` field 22), so a
   recycled pid is never taken for the LM.
+
+The identity is read here, not through psutil. Its only public start time,
+``Process.create_time()``, is derived from the same field 22 but is wall-clock seconds (the
+boot time from ``/proc/stat`` added), and a stepped clock moves the boot time, so a stored
+identity would stop matching its live process; psutil's own pid-reuse check compares the raw
+value through a private method for that reason. Converting back to ticks costs a second file
+read with a race against such a step, and about three times as long as this one read of one
+file (40 against 14 µs per call, measured). Handles store field 22 as is, so those written by
+any version compare alike. Listing processes, their accounts and environments is psutil's job
+(``lmrunner.backends.apptainer.orphans``).
 """
 
 from __future__ import annotations

@@ -26,6 +26,4 @@ def _private_host_cache(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Unit tests fake the KVM probe: its answers must never reach the host-wide cache."""
-    import lmrunner.backends.vm as vm
-
-    monkeypatch.setattr(vm, "HOST_CACHE_DIR", tmp_path_factory.mktemp("host-cache"))
+    monkeypatch.setenv("LMRUNNER_CACHE_DIR", str(tmp_path_factory.mktemp("host-cache")))

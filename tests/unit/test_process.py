@@ -10,11 +10,13 @@ import errno
 import os
 import queue
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from lmrunner.errors import CommandError
@@ -191,6 +193,35 @@ def test_a_recycled_pid_is_not_the_process() -> None:
     assert me is not None
     assert not alive(ProcessId(me.pid, me.start_ticks + 1))
     assert not alive(ProcessId(me.pid, 0))
+
+
+def test_the_start_time_is_the_one_psutil_derives_its_create_time_from() -> None:
+    """Handles of every version hold field 22 in clock ticks; psutil's create_time() is the same
+    field in seconds plus the boot time, so the two agree to the tick (and any identity stored
+    by an older lmrunner compares alike)."""
+    for pid in (os.getpid(), 1):
+        mine = identify(pid)
+        assert mine is not None
+        proc = psutil.Process(pid)
+        ticks = round((proc.create_time() - psutil.boot_time()) * os.sysconf("SC_CLK_TCK"))
+        assert mine.start_ticks == ticks
+
+
+def test_a_zombie_is_not_alive() -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        process = identify(child.pid)
+        assert process is not None and alive(process)
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + TIMEOUT
+        while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:  # not reaped yet
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert identify(child.pid) is None
+        assert not alive(process)
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_a_missing_pid_is_not_alive() -> None:

@@ -1,6 +1,7 @@
 """The Apptainer backend without apptainer: argv, env file, validation, records, exits, orphans.
 
-The engine, the supervisor, the subprocess runner, the cgroup controller and /proc are fakes;
+The engine, the supervisor, the subprocess runner, the cgroup controller and the host's
+processes are fakes (the psutil scan of the real ones is tested on this test's own processes);
 the real engine is exercised by tests/integration/test_apptainer_backend.py.
 """
 
@@ -10,24 +11,28 @@ import json
 import os
 import pwd
 import signal
+import subprocess
 import uuid as uuid_mod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import psutil
 import pytest
 
 from lmrunner import runner
-from lmrunner.backends import apptainer
 from lmrunner.backends.apptainer import (
     PLACEMENT,
     ApptainerBackend,
     LmPaths,
     build_argv,
+    driver,
     env_file_text,
     labels_in_environ,
     needs_env_hook,
+    orphans,
     parse_version,
+    validate,
 )
 from lmrunner.backends.base import (
     LABEL_FACTORY,
@@ -48,7 +53,7 @@ from lmrunner.errors import (
     StartError,
 )
 from lmrunner.model import Handle, Limits, Mount
-from lmrunner.process import ProcessId, shell_status
+from lmrunner.process import ProcessId, identify, shell_status
 
 #: An account for the LMs: not root, and one the test process may chown to.
 OWNER = (54321, 54321) if os.getuid() == 0 else (os.getuid(), os.getgid())
@@ -147,7 +152,7 @@ def lm_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     # pytest's own folders above tmp_path are its user's alone (0700): the reachability check
     # looks from tmp_path down.
     monkeypatch.setattr(
-        apptainer,
+        validate,
         "_folders_above",
         lambda path: [p for p in reversed(path.parents) if p.is_relative_to(tmp_path)],
     )
@@ -187,6 +192,7 @@ def make_backend(
     cgroups: Any = None,
     which: Callable[[str], str | None] = lambda name: f"/opt/bin/{name}",
     sc_user: str = "lmrunner-sc",
+    processes: driver.ProcessLister = lambda uid: [],
 ) -> ApptainerBackend:
     factory = FactoryConfig(space="sc.example.com", state_dir=tmp_path / "state", sc_user=sc_user)
     return ApptainerBackend(
@@ -195,7 +201,7 @@ def make_backend(
         supervisor=supervisor or FakeSupervisor(),  # type: ignore[arg-type]
         run=run or fake_run(),
         which=which,
-        proc=tmp_path / "proc",
+        processes=processes,
         search_dirs=(),
     )
 
@@ -204,8 +210,8 @@ def make_backend(
 def process_state(monkeypatch: pytest.MonkeyPatch) -> dict[int, ProcessId]:
     """The live processes the backend's identity checks see (pid -> identity)."""
     live: dict[int, ProcessId] = {}
-    monkeypatch.setattr(apptainer, "alive", lambda p: live.get(p.pid) == p)
-    monkeypatch.setattr(apptainer, "identify", lambda pid: live.get(pid))
+    monkeypatch.setattr(driver, "alive", lambda p: live.get(p.pid) == p)
+    monkeypatch.setattr(driver, "identify", lambda pid: live.get(pid))
     return live
 
 
@@ -281,11 +287,9 @@ def test_exit_status_maps_signals_like_a_shell() -> None:
 
 def test_labels_are_read_from_a_payload_and_from_apptainers_engine_config() -> None:
     uuid = str(uuid_mod.uuid4())
-    plain = (
-        f"PATH=/bin\0LMRUNNER_LM_UUID={uuid}\0LMRUNNER_FACTORY=f\0LMRUNNER_LM_NAME=n\0"
-        "LMRUNNER_BACKEND=apptainer\0"
-    )
-    assert labels_in_environ(plain.encode()) == {
+    plain = {"PATH": "/bin", "LMRUNNER_LM_UUID": uuid, "LMRUNNER_FACTORY": "f",
+             "LMRUNNER_LM_NAME": "n", "LMRUNNER_BACKEND": "apptainer"}  # fmt: skip
+    assert labels_in_environ(plain) == {
         "LMRUNNER_LM_UUID": uuid,
         "LMRUNNER_FACTORY": "f",
         "LMRUNNER_LM_NAME": "n",
@@ -296,15 +300,26 @@ def test_labels_are_read_from_a_payload_and_from_apptainers_engine_config() -> N
                                                           "LMRUNNER_FACTORY": "f", "X": "y"}}}}
     )  # fmt: skip
     cut = len(config) // 2  # apptainer splits a long configuration into numbered chunks
-    starter = (
-        f"ENGINE_CONFIG2={config[cut:]}\0ENGINE_CONFIG1={config[:cut]}\0ENGINE_CONFIG_CHUNKS=2\0"
-    )
-    assert labels_in_environ(starter.encode()) == {
+    starter = {"ENGINE_CONFIG2": config[cut:], "ENGINE_CONFIG1": config[:cut],
+               "ENGINE_CONFIG_CHUNKS": "2"}  # fmt: skip
+    assert labels_in_environ(starter) == {
         "LMRUNNER_LM_UUID": uuid,
         "LMRUNNER_FACTORY": "f",
     }
-    assert labels_in_environ(b"PATH=/bin\0HOME=/\0") is None
-    assert labels_in_environ(b"ENGINE_CONFIG1={broken LMRUNNER_LM_UUID\0") is None
+    assert labels_in_environ({"PATH": "/bin", "HOME": "/"}) is None
+    assert labels_in_environ({"ENGINE_CONFIG1": "{broken LMRUNNER_LM_UUID"}) is None
+    # A chunk number int() would refuse ("²" is a digit to str.isdigit) is no chunk.
+    assert labels_in_environ({"ENGINE_CONFIG\u00b2": config}) is None
+
+
+def test_labels_are_valid_text_whatever_bytes_the_environment_held() -> None:
+    # psutil decodes an environment as the file system does: bytes that are not UTF-8 become
+    # lone surrogates, which could be neither logged nor stored.
+    environ = {"LMRUNNER_LM_UUID": os.fsdecode(b"u\xff"), "LMRUNNER_LM_NAME": os.fsdecode(b"n")}
+    assert labels_in_environ(environ) == {"LMRUNNER_LM_UUID": "u\ufffd", "LMRUNNER_LM_NAME": "n"}
+    config = json.dumps({"LMRUNNER_LM_UUID": "u", "LMRUNNER_FACTORY": "f\ud800"})
+    labels = labels_in_environ({"ENGINE_CONFIG1": config})
+    assert labels is not None and labels["LMRUNNER_FACTORY"].startswith("f\ufffd")
 
 
 # --- probe --------------------------------------------------------------------------------------
@@ -661,7 +676,7 @@ def test_destroy_is_idempotent_and_removes_what_the_backend_made(
 def test_destroy_keeps_only_the_tail_of_a_huge_log(
     tmp_path: Path, lm_dir: Path, image: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(apptainer, "LOG_LIMIT_BYTES", 10)
+    monkeypatch.setattr(driver, "LOG_LIMIT_BYTES", 10)
     backend, supervisor, spec, handle, _ = started(tmp_path, lm_dir, image)
     supervisor.exit(spec.uuid, 0, lm_dir / "apptainer-exit.json")
     (lm_dir / "apptainer.log").write_text("head...." + "0123456789")
@@ -689,21 +704,21 @@ def test_a_cgroup_that_will_not_empty_is_a_backend_error(
 # --- list_owned and orphans ---------------------------------------------------------------------
 
 
-def fake_process(
-    proc: Path, pid: int, uid: int, environ: Mapping[str, str] | bytes, ticks: int = 5
-) -> ProcessId:
-    entry = proc / str(pid)
-    entry.mkdir(parents=True)
-    (entry / "status").write_text(f"Name:\tx\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
-    data = (
-        environ
-        if isinstance(environ, bytes)
-        else b"".join(f"{k}={v}\0".encode() for k, v in environ.items())
-    )
-    (entry / "environ").write_bytes(data)
-    fields = ["S", "1", str(pid), str(pid)] + ["0"] * 15 + [str(ticks)] + ["0"] * 5
-    (entry / "stat").write_text(f"{pid} (sh) {' '.join(fields)}\n")
-    return ProcessId(pid, ticks)
+class FakeHost:
+    """The host's processes as ``orphans.processes_of`` gives them: (uid, identity, environment)."""
+
+    def __init__(self) -> None:
+        self.table: list[tuple[int, ProcessId, dict[str, str]]] = []
+        self.asked: list[int] = []
+
+    def add(self, pid: int, uid: int, environ: Mapping[str, str], ticks: int = 5) -> ProcessId:
+        process = ProcessId(pid, ticks)
+        self.table.append((uid, process, dict(environ)))
+        return process
+
+    def __call__(self, uid: int) -> list[tuple[ProcessId, dict[str, str]]]:
+        self.asked.append(uid)
+        return [(process, environ) for owner, process, environ in self.table if owner == uid]
 
 
 def test_list_owned_reports_records_and_orphan_processes_of_sc_user_only(
@@ -716,19 +731,20 @@ def test_list_owned_reports_records_and_orphan_processes_of_sc_user_only(
 ) -> None:
     sc_uid = 4711
     monkeypatch.setattr(pwd, "getpwnam", lambda name: type("pw", (), {"pw_uid": sc_uid})())
-    backend, _, spec, _, _ = started(tmp_path, lm_dir, image)
-    proc = tmp_path / "proc"
+    host = FakeHost()
+    backend, _, spec, _, _ = started(tmp_path, lm_dir, image, processes=host)
     orphan = str(uuid_mod.uuid4())
     labels = {"LMRUNNER_LM_UUID": orphan, "LMRUNNER_FACTORY": "factory-1",
               "LMRUNNER_LM_NAME": "lm-01.example.com", "LMRUNNER_BACKEND": "apptainer"}  # fmt: skip
-    appinit = fake_process(proc, 300, sc_uid, {"ENGINE_CONFIG1": json.dumps({"e": labels})})
-    payload = fake_process(proc, 301, sc_uid, {**labels, "PATH": "/bin"})
-    fake_process(proc, 302, sc_uid, {"PATH": "/bin"})  # sc_user's, not lmrunner's
-    fake_process(proc, 303, 0, labels)  # carries the labels, but not sc_user's
-    fake_process(proc, 304, sc_uid, {**labels, "LMRUNNER_LM_UUID": "../../etc"})  # not a uuid
-    fake_process(proc, 305, sc_uid, {**labels, "LMRUNNER_BACKEND": "vm"})  # another backend's
-    (proc / "self").mkdir()
+    appinit = host.add(300, sc_uid, {"ENGINE_CONFIG1": json.dumps({"e": labels})})
+    payload = host.add(301, sc_uid, {**labels, "PATH": "/bin"})
+    host.add(302, sc_uid, {"PATH": "/bin"})  # sc_user's, not lmrunner's
+    host.add(303, 0, labels)  # carries the labels, but not sc_user's
+    host.add(304, sc_uid, {**labels, "LMRUNNER_LM_UUID": "../../etc"})  # not a uuid
+    host.add(305, sc_uid, {**labels, "LMRUNNER_BACKEND": "vm"})  # another backend's
+    host.add(306, sc_uid, {k: v for k, v in labels.items() if k != "LMRUNNER_FACTORY"})
     owned = {o.uuid: o for o in backend.list_owned()}
+    assert host.asked == [sc_uid]
     assert set(owned) == {spec.uuid, orphan}
     assert (owned[spec.uuid].name, owned[spec.uuid].factory) == ("lm-00.example.com", "factory-1")
     found = owned[orphan]
@@ -745,6 +761,86 @@ def test_list_owned_reports_records_and_orphan_processes_of_sc_user_only(
     monkeypatch.setattr(os, "kill", killed)
     backend.destroy(orphan, found.handle)
     assert sorted(signals) == [("pid", 300, signal.SIGKILL), ("pid", 301, signal.SIGKILL)]
+
+
+def test_root_processes_are_never_scanned_for_orphans(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pwd, "getpwnam", lambda name: type("pw", (), {"pw_uid": 0})())
+    host = FakeHost()
+    assert make_backend(tmp_path, processes=host).list_owned() == []
+    assert host.asked == []
+
+
+# --- the host's processes through psutil ---------------------------------------------------------
+
+
+def test_processes_of_names_this_process_by_pid_and_start_time() -> None:
+    found = dict(orphans.processes_of(os.getuid()))
+    me = identify(os.getpid())
+    assert me is not None and me in found
+    assert found[me] == psutil.Process().environ()
+    assert orphans.processes_of(2**31 - 7) == []  # an account with no processes
+
+
+@pytest.mark.allow_subprocess
+def test_a_labelled_process_is_found_with_its_identity(tmp_path: Path) -> None:
+    """End to end through psutil: a real process carrying an LM's labels in its environment."""
+    uuid = str(uuid_mod.uuid4())
+    env = {"PATH": "/usr/bin:/bin", "LMRUNNER_LM_UUID": uuid, "LMRUNNER_FACTORY": "f",
+           "LMRUNNER_LM_NAME": "n", "LMRUNNER_BACKEND": "apptainer"}  # fmt: skip
+    child = subprocess.Popen(["sleep", "30"], env=env)
+    try:
+        found = orphans.labelled(orphans.processes_of(os.getuid()), "apptainer")
+        assert uuid in found
+        labels, processes = found[uuid]
+        assert labels == {k: v for k, v in env.items() if k.startswith("LMRUNNER_")}
+        assert processes == [identify(child.pid)]
+        assert orphans.labelled(orphans.processes_of(os.getuid()), "vm").get(uuid) is None
+    finally:
+        child.kill()
+        child.wait()
+
+
+class VanishingProcess:
+    """A psutil.Process whose process misbehaves in one way while it is looked at."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def uids(self) -> Any:
+        if self.pid == 1:
+            raise psutil.NoSuchProcess(self.pid)
+        if self.pid == 2:
+            raise psutil.AccessDenied(self.pid)
+        return type("uids", (), {"real": os.getuid()})()
+
+    def environ(self) -> dict[str, str]:
+        if self.pid == 3:
+            raise psutil.ZombieProcess(self.pid)
+        if self.pid == 4:
+            raise FileNotFoundError(2, "gone, as psutil sometimes lets it through")
+        return {"LMRUNNER_LM_UUID": "x"}
+
+    def is_running(self) -> bool:
+        return self.pid != 6  # 6: the pid names another process by now
+
+
+def test_psutil_errors_stop_at_the_scan(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(psutil, "pids", lambda: [1, 2, 3, 4, 5, 6, 7])
+    monkeypatch.setattr(psutil, "Process", VanishingProcess)
+    live = {6: ProcessId(6, 60), 7: ProcessId(7, 70)}  # 5: ended before its identity was read
+    monkeypatch.setattr(orphans, "identify", live.get)
+    assert orphans.processes_of(os.getuid()) == [(ProcessId(7, 70), {"LMRUNNER_LM_UUID": "x"})]
+
+    def unreadable() -> list[int]:
+        raise PermissionError(13, "Permission denied", "/proc")
+
+    monkeypatch.setattr(psutil, "pids", unreadable)
+    assert orphans.processes_of(os.getuid()) == []
+    assert "cannot list processes" in caplog.text
 
 
 def test_watch_and_close(tmp_path: Path) -> None:

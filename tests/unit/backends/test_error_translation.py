@@ -431,12 +431,14 @@ class NullSupervisor:
 @pytest.fixture
 def no_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     """No LM process is alive (the identity checks never see this host's)."""
-    monkeypatch.setattr(apptainer, "alive", lambda p: False)
-    monkeypatch.setattr(apptainer, "identify", lambda pid: None)
+    monkeypatch.setattr(apptainer.driver, "alive", lambda p: False)
+    monkeypatch.setattr(apptainer.driver, "identify", lambda pid: None)
     monkeypatch.setattr(process, "alive", lambda p: False)
 
 
-def apptainer_backend(tmp_path: Path) -> ApptainerBackend:
+def apptainer_backend(
+    tmp_path: Path, processes: apptainer.driver.ProcessLister = lambda uid: []
+) -> ApptainerBackend:
     factory = FactoryConfig(space="sc.example.com", state_dir=tmp_path / "state",
                             sc_user="lmrunner-sc")  # fmt: skip
     return ApptainerBackend(
@@ -444,7 +446,7 @@ def apptainer_backend(tmp_path: Path) -> ApptainerBackend:
         None,
         supervisor=NullSupervisor(),  # type: ignore[arg-type]
         which=lambda name: None,
-        proc=tmp_path / "proc",
+        processes=processes,
         search_dirs=(),
     )
 
@@ -525,8 +527,9 @@ def test_a_corrupt_apptainer_record_is_never_a_raw_error(tmp_path: Path, content
 
 
 def test_labels_nested_beyond_any_engine_config_are_no_labels() -> None:
-    for config in ("[" * 100_000, "[" * 900 + "{}" + "]" * 900):
-        environ = f"NOTE=LMRUNNER_LM_UUID\0ENGINE_CONFIG1={config}\0".encode()
+    deep = "[" * 900 + '{"x": "LMRUNNER_LM_UUID"}' + "]" * 900
+    for config in ("[" * 100_000 + "LMRUNNER_LM_UUID", deep):
+        environ = {"NOTE": "LMRUNNER_LM_UUID", "ENGINE_CONFIG1": config}
         assert labels_in_environ(environ) is None
 
 
@@ -536,12 +539,14 @@ def test_a_payload_process_with_hostile_labels_breaks_no_listing(
 ) -> None:
     sc_uid = 4711
     monkeypatch.setattr(pwd, "getpwnam", lambda name: type("pw", (), {"pw_uid": sc_uid}))
-    backend = apptainer_backend(tmp_path)
-    entry = tmp_path / "proc" / "300"
-    entry.mkdir(parents=True)
-    (entry / "status").write_text(f"Name:\tx\nUid:\t{sc_uid}\t{sc_uid}\t{sc_uid}\t{sc_uid}\n")
-    (entry / "environ").write_bytes(b"ENGINE_CONFIG1=" + b"[" * 100_000 + b"LMRUNNER_LM_UUID\0")
-    (entry / "stat").write_text("300 (sh) S " + " ".join(["1"] * 40) + "\n")
+    hostile = [
+        {"ENGINE_CONFIG1": "[" * 100_000 + "LMRUNNER_LM_UUID"},
+        {"ENGINE_CONFIG\u00b2": "LMRUNNER_LM_UUID", "ENGINE_CONFIG\u0663": "x"},  # not ASCII digits
+        {"LMRUNNER_LM_UUID": "\udcff", "LMRUNNER_BACKEND": "apptainer", "LMRUNNER_FACTORY": "f"},
+    ]
+    backend = apptainer_backend(
+        tmp_path, lambda uid: [(ProcessId(300 + i, 1), env) for i, env in enumerate(hostile)]
+    )
     assert backend.list_owned() == []
 
 
@@ -680,12 +685,12 @@ def serve_qmp(vm_dir: Path, last_answer: bytes) -> Callable[[], None]:
             conn, _ = server.accept()
         except OSError:
             return
-        with conn, conn.makefile("rb") as reader:
-            try:
+        with conn:
+            try:  # one command at a time, each sent whole (with or without a newline)
                 conn.sendall(greeting)
-                reader.readline()
+                conn.recv(65536)
                 conn.sendall(b'{"return": {}}\r\n')
-                reader.readline()
+                conn.recv(65536)
                 conn.sendall(last_answer)
             except OSError:  # the backend hung up first (the endless answer)
                 pass

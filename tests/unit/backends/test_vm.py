@@ -24,8 +24,12 @@ from typing import Any, cast
 import pytest
 
 from lmrunner import process, runner
-from lmrunner.backends import vm, vm_drive, vm_kernel
+from lmrunner.backends import vm
 from lmrunner.backends.base import Backend, EngineState, Handle, Health, LmCgroup, MachineSpec
+from lmrunner.backends.vm import accel as vm_accel
+from lmrunner.backends.vm import drive as vm_drive
+from lmrunner.backends.vm import driver
+from lmrunner.backends.vm import kernel as vm_kernel
 from lmrunner.cgroups.base import CgroupRef
 from lmrunner.config import FactoryConfig
 from lmrunner.errors import BackendError, CommandError, MachineNotFound, SpecError, StartError
@@ -67,14 +71,18 @@ class FakeQemu:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rb") as reader:
+        with conn:
             conn.sendall(json.dumps(GREETING).encode() + b"\r\n")
-            for line in reader:
-                command = json.loads(line)["execute"]
+            for message in qmp_messages(conn):
+                command = message["execute"]
                 if command != "qmp_capabilities":
                     self.commands.append(command)
                 with_error = command == "no-such-command"
-                answer = {"error": {"desc": "nope"}} if with_error else {"return": {}}
+                answer: dict[str, Any] = (
+                    {"error": {"desc": "nope"}} if with_error else {"return": {}}
+                )
+                if "id" in message:  # QEMU echoes a command's id
+                    answer["id"] = message["id"]
                 conn.sendall(json.dumps(answer).encode() + b"\r\n")
 
     def shutdown(self, reason: str) -> None:
@@ -95,6 +103,22 @@ class FakeQemu:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def qmp_messages(conn: socket.socket) -> Iterator[dict[str, Any]]:
+    """The JSON objects a QMP client sends, until it hangs up (QMP needs no newline between
+    them: QEMU's parser, like this one, reads a stream of objects)."""
+    decoder = json.JSONDecoder()
+    pending = ""
+    while data := conn.recv(65536):
+        pending += data.decode()
+        while pending.strip():
+            try:
+                message, end = decoder.raw_decode(pending.lstrip())
+            except ValueError:  # the rest is still on its way
+                break
+            pending = pending.lstrip()[end:]
+            yield message
 
 
 class FakeSupervisor:
@@ -573,7 +597,7 @@ def test_stop_presses_the_power_button_and_force_quits_then_kills(
 def test_the_power_button_is_pressed_again_until_the_guest_is_gone(
     backend: vm.VmBackend, tmp_path: Path, running: set[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(vm, "PRESS_AGAIN_SECONDS", 0.05)
+    monkeypatch.setattr(driver, "PRESS_AGAIN_SECONDS", 0.05)
     handle, qemu = started(backend, tmp_path)
     backend.stop(UUID, handle)
     backend.stop(UUID, handle)  # a second stop adds no second presser
@@ -684,7 +708,7 @@ def test_recover_of_a_vm_that_ended_meanwhile_and_of_an_unknown_one(
 def test_fixed_accelerators_are_not_probed(
     factory: FactoryConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(vm, "probe_accel", lambda *a, **k: pytest.fail("probed"))
+    monkeypatch.setattr(vm_accel, "probe_accel", lambda *a, **k: pytest.fail("probed"))
     for choice, accel in (("tcg", vm.Accel.TCG), ("kvm", vm.Accel.KVM)):
         config = FactoryConfig(space="s.example.com", state_dir=factory.state_dir, vm_accel=choice)
         assert vm.VmBackend(config).accel().accel is accel
@@ -696,35 +720,41 @@ def test_auto_probes_once_per_qemu_and_kernel_and_caches_on_disk(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    monkeypatch.setattr(vm, "_ACCEL_CACHE", {})
     probes: list[dict[str, Any]] = []
 
     def probe(qemu: str, kernel: Path, initrd: Path, **kwargs: Any) -> vm.AccelProbe:
         probes.append({"kernel": kernel, **kwargs})
         return vm.AccelProbe(vm.Accel.TCG, "a KVM guest did not reach userspace within 20 s", 20)
 
-    monkeypatch.setattr(vm, "probe_accel", probe)
-    guest = tmp_path / "probe"
+    monkeypatch.setattr(vm_accel, "probe_accel", probe)
+    guest, host = tmp_path / "probe", tmp_path / "host-cache"
     guest.mkdir()
     auto = FactoryConfig(space="s.example.com", state_dir=factory.state_dir, vm_accel="auto")
-    assert vm.VmBackend(auto, probe_dirs=(guest,)).accel().detail.startswith("KVM not tried")
+
+    def daemon() -> vm.VmBackend:  # each backend has its own cache: a new one is a new daemon
+        return vm.VmBackend(auto, probe_dirs=(guest,), host_cache=host)
+
+    assert daemon().accel().detail.startswith("KVM not tried")
     (guest / vm.PROBE_KERNEL).write_text("k")
     (guest / vm.PROBE_INITRD).write_text("i")
-    first = vm.VmBackend(auto, probe_dirs=(guest,)).accel()
+    backend = daemon()
+    first = backend.accel()
     assert first.accel is vm.Accel.TCG
     assert probes == [{"kernel": guest / vm.PROBE_KERNEL, "timeout": vm.DEFAULT_PROBE_TIMEOUT,
                        "cpu": "host"}]  # fmt: skip
     cache = json.loads((factory.state_dir / "vm" / "accel.json").read_text())
     assert (cache["qemu_version"], cache["kernel"]) == ("7.2.22", os.uname().release)
-
-    monkeypatch.setattr(vm, "_ACCEL_CACHE", {})  # a new daemon: the file answers
-    assert vm.VmBackend(auto, probe_dirs=(guest,)).accel() == first
+    host_copy = json.loads((host / "vm-accel.json").read_text())
+    assert {**host_copy, "probed_at": 0} == {**cache, "probed_at": 0}  # the host-wide copy
+    (factory.state_dir / "vm" / "accel.json").unlink()
+    assert daemon().accel() == first  # a new daemon, a new state_dir: the host-wide file answers
+    (host / "vm-accel.json").unlink()
+    assert backend.accel() == first  # and a daemon remembers its own answer
     assert len(probes) == 1
     cache["kernel"] = "another-kernel"  # after a host kernel update: probed again
     (factory.state_dir / "vm" / "accel.json").write_text(json.dumps(cache))
-    (vm.HOST_CACHE_DIR / "vm-accel.json").write_text(json.dumps(cache))  # the host-wide copy
-    monkeypatch.setattr(vm, "_ACCEL_CACHE", {})
-    vm.VmBackend(auto, probe_dirs=(guest,)).accel()
+    (host / "vm-accel.json").write_text(json.dumps(cache))
+    daemon().accel()
     assert len(probes) == 2
 
 

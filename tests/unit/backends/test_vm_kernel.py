@@ -1,4 +1,4 @@
-"""vm_kernel: the PVH-bootable ELF inside a bzImage, found, checked, unpacked and cached.
+"""vm/kernel.py: the PVH-bootable ELF inside a bzImage, found, checked, unpacked and cached.
 
 Synthetic bzImages (``kernels.py``) stand in for real kernels; the real Debian kernel is
 unpacked and booted by the VM integration tests.
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from lmrunner.backends import vm_kernel
-from lmrunner.backends.vm_kernel import KernelCache, KernelError
+from lmrunner.backends.vm import kernel as vm_kernel
+from lmrunner.backends.vm.kernel import KernelCache, KernelError
 from lmrunner.model import Handle
 from tests.unit.backends.kernels import PLAIN_ELF, PVH_ELF, PVH_NOTE, bzimage, elf, note
 
