@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 from lmrunner.cgroups.base import CgroupRef
 from lmrunner.model import Handle, Limits, Mount, Placement
@@ -56,10 +56,19 @@ class MachineSpec:
     directory: Path  # the LM directory (logs the backend keeps go here too)
     owner: tuple[int, int]  # uid, gid the LM runs as
     stop_grace_seconds: int
-    options: Mapping[str, Any] = field(
-        default_factory=dict
-    )  # backend-specific, checked by validate
+    options: EngineOptions = field(default_factory=lambda: EngineOptions())
     cgroup: LmCgroup | None = None  # None: this host gives lmrunner no cgroups
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    """A machinetype's engine-specific options, typed, and validated once, by the configuration
+    schema (:class:`lmrunner.config.MachinetypeConfig`); each backend reads those it knows."""
+
+    capabilities: tuple[str, ...] = ()  # Docker: added to the reduced default set
+    vm_initrd: Path | None = None  # VM: the initramfs booted with a kernel image (absolute)
+    vm_kernel_append: str | None = None  # VM: the kernel command line (None: the backend's)
+    vm_bridge: str | None = None  # VM: a bridge the admin prepared; None: user networking
 
 
 @dataclass(frozen=True, slots=True)

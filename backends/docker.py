@@ -115,7 +115,7 @@ class DockerBackend:
         image = _image(spec.image)
         if not image:
             raise SpecError(f"docker: machinetype {spec.machinetype}: empty image")
-        for capability in spec.options.get("capabilities", ()):
+        for capability in spec.options.capabilities:
             if capability in ("ALL",):
                 raise SpecError(
                     f"docker: machinetype {spec.machinetype}: capability ALL is refused"
@@ -129,7 +129,7 @@ class DockerBackend:
             why = f"cannot connect to Docker to start {spec.name}: {err}"
             raise StartError(self.name, why, recoverable=True) from err
         self._ensure_image(image, spec.name)
-        capabilities = sorted({*DEFAULT_CAPABILITIES, *spec.options.get("capabilities", ())})
+        capabilities = sorted({*DEFAULT_CAPABILITIES, *spec.options.capabilities})
         with self._engine_errors(f"cannot create the container of {spec.name}", StartError):
             container = client.containers.create(
                 image,

@@ -58,7 +58,8 @@ class Endings:
             exit_code=status.exit_code,
             oom_killed=oom,
             lost=status.state is EngineState.MISSING,
-            lifetime=None if record.started is None else ended - record.started,
+            # the engine's end can precede lmrunner's own start stamp, taken after start()
+            lifetime=None if record.started is None else max(ended - record.started, 0.0),
             fizzle_seconds=mt.fizzle_seconds if mt else 0,
             engine_fault=status.engine_fault,
         )

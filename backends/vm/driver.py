@@ -48,7 +48,7 @@ from lmrunner.backends.vm.accel import (
 )
 from lmrunner.backends.vm.argv import Launch, qemu_argv
 from lmrunner.backends.vm.exits import ended
-from lmrunner.backends.vm.kernel import KernelCache, KernelError
+from lmrunner.backends.vm.kernel import KernelCache, KernelError, unpack_in_child
 from lmrunner.backends.vm.names import (
     DRIVE,
     EVENTS_SOCKET,
@@ -116,10 +116,12 @@ class VmBackend:
         probe_dirs: tuple[Path, ...] | None = None,
         probe_timeout: float = DEFAULT_PROBE_TIMEOUT,
         host_cache: Path | None = None,
+        unpack_kernel: Callable[[Path, Path], Path] = unpack_in_child,
     ) -> None:
         """``probe_dirs``: where a KVM probe guest is looked for (default: see
         :meth:`_default_probe_dirs`); ``host_cache``: the host-wide folder of the probe's answer
-        (default: ``$LMRUNNER_CACHE_DIR``, else /var/cache/lmrunner, read now)."""
+        (default: ``$LMRUNNER_CACHE_DIR``, else /var/cache/lmrunner, read now);
+        ``unpack_kernel``: how a bzImage is unpacked into the kernel cache (a child process)."""
         self.factory = factory
         self.cgroups = cgroups
         self.root = factory.state_dir / "vm"
@@ -136,7 +138,7 @@ class VmBackend:
         self._children: set[str] = set()  # LMs whose QEMU is this process's child
         self._pressing: set[str] = set()  # LMs whose power button is pressed until they end
         self._closed = threading.Event()
-        self._kernels = KernelCache(self.root / KERNELS)
+        self._kernels = KernelCache(self.root / KERNELS, unpack_kernel)
         self._told: set[str] = set()  # kernels already logged as not unpackable
 
     # --- the protocol ---------------------------------------------------------------------

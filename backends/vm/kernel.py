@@ -20,8 +20,11 @@ import bz2
 import contextlib
 import hashlib
 import lzma
+import mmap
 import os
 import struct
+import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -29,8 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from lmrunner import atomic
-from lmrunner.errors import LmrunnerError
+from lmrunner import runner
+from lmrunner.errors import CommandError, LmrunnerError
 
 #: Xen's PVH entry note: ``n_type`` of a note named "Xen" (xen/include/public/elfnote.h).
 XEN_ELFNOTE_PHYS32_ENTRY = 18
@@ -39,6 +42,11 @@ KEEP_UNUSED_SECONDS = 30 * 86400
 #: Largest bzImage read, and largest kernel unpacked: a corrupt file must not eat the host.
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_KERNEL_BYTES = 512 * 1024 * 1024
+#: Unpacked this much at a time.
+CHUNK_BYTES = 4 * 1024 * 1024
+#: The child that unpacks (:func:`unpack_in_child`): its time limit and "not bootable" status.
+CHILD_TIMEOUT = 120.0
+NOT_BOOTABLE = 2
 #: Part of every cached file's name: a changed unpacker never trusts an older one's files.
 FORMAT = "v1"
 #: How long an unpack that failed for an OSError (disk full, permissions) is not retried.
@@ -142,26 +150,59 @@ def _aligned(size: int, align: int) -> int:
     return (size + align - 1) & ~(align - 1)
 
 
+def _unpack_into(image: bytes, write: Callable[[bytes], object]) -> None:
+    """Decompress a bzImage's kernel chunk by chunk into ``write`` (the daemon never holds the
+    whole unpacked kernel, ~65 MB for Debian's, in memory).
+
+    Raises:
+        KernelError: no payload, a stream that does not decompress, is too large or ends early.
+    """
+    name, data = payload(image)
+    decompressor = next(make() for _magic, n, make in DECOMPRESSORS if n == name)
+    total = 0
+    try:
+        chunk = decompressor.decompress(data, CHUNK_BYTES)
+        while True:
+            total += len(chunk)
+            if total >= MAX_KERNEL_BYTES:
+                raise KernelError(f"the unpacked kernel exceeds {MAX_KERNEL_BYTES >> 20} MiB")
+            write(chunk)
+            if decompressor.eof:
+                return
+            tail = getattr(decompressor, "unconsumed_tail", b"")  # zlib: input it kept back
+            if tail:
+                chunk = decompressor.decompress(tail, CHUNK_BYTES)
+            elif getattr(decompressor, "needs_input", True):  # all input used, no end seen
+                break
+            else:  # lzma, bz2: output is waiting
+                chunk = decompressor.decompress(b"", CHUNK_BYTES)
+    except (lzma.LZMAError, zlib.error, OSError, ValueError, EOFError) as err:
+        raise KernelError(f"the {name} payload does not decompress: {err}") from err
+    # a cut stream decompresses without error, into a partial kernel
+    raise KernelError(f"the {name} payload ends before its stream does")
+
+
 def unpack(image: bytes) -> bytes:
-    """The PVH-bootable ELF kernel inside a bzImage.
+    """The PVH-bootable ELF kernel inside a bzImage, in memory (tests; the cache streams).
 
     Raises:
         KernelError: no payload, a stream that does not decompress or ends early, or an ELF
             without the PVH note.
     """
-    name, data = payload(image)
-    decompressor = next(make() for _magic, n, make in DECOMPRESSORS if n == name)
-    try:
-        elf = decompressor.decompress(data, MAX_KERNEL_BYTES)
-    except (lzma.LZMAError, zlib.error, OSError, ValueError, EOFError) as err:
-        raise KernelError(f"the {name} payload does not decompress: {err}") from err
-    if len(elf) >= MAX_KERNEL_BYTES:
-        raise KernelError(f"the unpacked kernel exceeds {MAX_KERNEL_BYTES >> 20} MiB")
-    if not decompressor.eof:  # a cut stream decompresses without error, into a partial kernel
-        raise KernelError(f"the {name} payload ends before its stream does")
-    if not has_pvh_entry(elf):
+    elf = bytearray()
+    _unpack_into(image, elf.extend)
+    if not has_pvh_entry(bytes(elf)):
         raise KernelError("the kernel has no PVH entry point (built without CONFIG_PVH)")
-    return elf
+    return bytes(elf)
+
+
+def _file_has_pvh(path: Path) -> bool:
+    """:func:`has_pvh_entry` of a file, mapped: only its headers and notes are read."""
+    with path.open("rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return False
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return has_pvh_entry(mapped)  # type: ignore[arg-type]
 
 
 def cached(image: Path, cache_dir: Path) -> Path:
@@ -179,20 +220,33 @@ def cached(image: Path, cache_dir: Path) -> Path:
     data = image.read_bytes()
     target = cache_dir / f"{hashlib.sha256(data).hexdigest()}.{FORMAT}.elf"
     with contextlib.suppress(FileNotFoundError):
-        if has_pvh_entry(target.read_bytes()):
+        if _file_has_pvh(target):
             os.utime(target)  # in use: kept by prune()
             return target
-    elf = unpack(data)
     cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # Durable: a torn file must never be what a later daemon finds (it is checked, too).
-    atomic.write_bytes(target, elf)
+    # Streamed into a temporary file (named as prune() knows), checked, made durable, renamed:
+    # a torn file must never be what a later daemon finds (it is checked, too).
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=cache_dir)
+    temporary = Path(name)
+    try:
+        os.fchmod(fd, 0o644)  # QEMU, run as the LM's account, reads it
+        with os.fdopen(fd, "wb") as out:
+            _unpack_into(data, out.write)
+            out.flush()
+            os.fsync(out.fileno())
+        if not _file_has_pvh(temporary):
+            raise KernelError("the kernel has no PVH entry point (built without CONFIG_PVH)")
+        temporary.replace(target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     return target
 
 
 def prune(cache_dir: Path, keep: set[Path], older_than: float) -> list[Path]:
     """Remove unpacked kernels last used before ``older_than`` (a Unix time) and not in ``keep``
     (a running VM has its kernel in memory already: removing the file cannot harm it), and
-    temporary files an unpack killed midway left (``atomic``'s ``.NAME.XXXX``) after an hour."""
+    temporary files an unpack killed midway left (``.NAME.XXXX``) after an hour."""
     removed = []
     abandoned = time.time() - 3600
     candidates = [(p, older_than) for p in cache_dir.glob("*.elf")]
@@ -214,8 +268,9 @@ class KernelCache:
     #: Files remembered at most (a bzImage replaced again and again must not grow the memo).
     LIMIT = 64
 
-    def __init__(self, cache_dir: Path) -> None:
+    def __init__(self, cache_dir: Path, unpack: Callable[[Path, Path], Path] | None = None) -> None:
         self.cache_dir = cache_dir
+        self._unpack = unpack
         self._lock = threading.Lock()
         # stat of the bzImage -> (the unpacked kernel or why not, until when the answer holds)
         self._known: dict[tuple[str, int, int, int, int], tuple[Path | KernelError, float]] = {}
@@ -243,7 +298,7 @@ class KernelCache:
                     self._remember(key, answer, now + 86400)
                 return answer
             try:
-                found = cached(image, self.cache_dir)
+                found = (self._unpack or cached)(image, self.cache_dir)
             except KernelError as err:
                 self._remember(key, err, float("inf"))
                 raise
@@ -263,3 +318,41 @@ class KernelCache:
         if len(self._known) >= self.LIMIT:
             self._known.clear()
         self._known[key] = (answer, until)
+
+
+def unpack_in_child(image: Path, cache_dir: Path) -> Path:
+    """:func:`cached` in a child process. The xz decoder fills a dictionary of up to 64 MiB
+    while it works: in the daemon that would stay as its peak memory for its whole life, and a
+    corrupt kernel could take it down; in a child it costs one interpreter start per new kernel.
+
+    Raises:
+        KernelError: the kernel cannot be booted directly.
+        OSError: the child could not unpack it (the cache cannot be written; retried later).
+    """
+    argv = [sys.executable, "-m", __name__, str(image), str(cache_dir)]
+    try:
+        done = runner.run(argv, timeout=CHILD_TIMEOUT, ok_codes=(0, NOT_BOOTABLE))
+    except CommandError as err:
+        raise OSError(f"unpacking {image} failed: {err}") from err
+    if done.returncode == NOT_BOOTABLE:
+        raise KernelError(done.stderr.strip() or f"{image} cannot be unpacked")
+    found = Path(done.stdout.strip())
+    if not found.is_absolute() or not found.is_file():
+        raise OSError(f"unpacking {image}: the child named no kernel ({done.stdout.strip()!r})")
+    return found
+
+
+def _main(args: list[str]) -> int:
+    """``python -m lmrunner.backends.vm.kernel IMAGE CACHE_DIR``: print the unpacked kernel's
+    path (exit 0), or why the kernel cannot be booted directly (exit 2)."""
+    image, cache_dir = (Path(arg) for arg in args)
+    try:
+        print(cached(image, cache_dir))
+    except KernelError as err:
+        print(err, file=sys.stderr)
+        return NOT_BOOTABLE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -77,21 +76,14 @@ def plan(spec: MachineSpec) -> Plan:
     where = f"vm: machinetype {spec.machinetype}"
     options = spec.options
     image = _local_file(spec.image, f"{where}: image")
-    initrd_name = options.get("vm_initrd")
-    initrd = _local_file(str(initrd_name), f"{where}: vm_initrd") if initrd_name else None
+    initrd = options.vm_initrd
+    initrd = None if initrd is None else _local_file(str(initrd), f"{where}: vm_initrd")
     try:
         kind, disk_format = image_kind(image)
     except OSError as err:
         raise SpecError(f"{where}: image {image}: cannot read it: {err.strerror}") from err
     if initrd is not None:
         kind, disk_format = ImageKind.KERNEL, None
-    network = str(options.get("vm_network") or "user")
-    if network == "user":
-        bridge = None
-    elif re.fullmatch(r"bridge:[A-Za-z0-9_.-]+", network):
-        bridge = network.partition(":")[2]
-    else:
-        raise SpecError(f"{where}: vm_network {network!r}: expected user or bridge:NAME")
     if spec.limits.processors < 1 or spec.limits.memory_bytes < 64 * MIB:
         raise SpecError(f"{where}: needs at least 1 processor and 64 MiB of memory")
     shares = []
@@ -103,8 +95,9 @@ def plan(spec: MachineSpec) -> Plan:
             shares.append((MOUNT_TAGS[mount.target], mount.source, mount.read_only))
         else:  # tmp_binds: containers only (Vac's VMs had none); the scratch disk serves VMs
             LOG.info("%s: %s is not shared with VMs (tmp_binds are for containers)", where, mount)
-    append = str(options.get("vm_kernel_append") or DEFAULT_APPEND)
-    return Plan(kind, image, initrd, append, disk_format, bridge, tuple(shares), user_data)
+    append = options.vm_kernel_append or DEFAULT_APPEND
+    return Plan(kind, image, initrd, append, disk_format, options.vm_bridge, tuple(shares),
+                user_data)  # fmt: skip
 
 
 def _local_file(name: str, what: str) -> Path:

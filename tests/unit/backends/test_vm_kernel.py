@@ -221,3 +221,19 @@ def test_a_handle_keeps_its_engine_facts_and_reads_old_handles() -> None:
     assert Handle.from_json(handle.to_json()) == handle
     assert Handle.from_json({"version": 1, "data": {"pid": 7}}) == Handle(1, {"pid": 7})
     assert "engine" not in Handle(1, {}).to_json()
+
+
+@pytest.mark.allow_subprocess
+def test_the_daemon_unpacks_in_a_child(tmp_path: Path) -> None:
+    """The xz decoder's dictionary stays out of the daemon's memory: the child does the work
+    and names the cached kernel; a kernel that cannot be unpacked is a KernelError."""
+    image = tmp_path / "vmlinuz"
+    image.write_bytes(bzimage(gzip.compress(PVH_ELF)))
+    cache = tmp_path / "kernels"
+    found = vm_kernel.unpack_in_child(image, cache)
+    assert found == cache / cache_name(image)
+    assert found.read_bytes() == PVH_ELF
+    bad = tmp_path / "not-a-kernel"
+    bad.write_bytes(b"nothing bootable here" * 100)
+    with pytest.raises(KernelError, match="bzImage"):
+        vm_kernel.unpack_in_child(bad, cache)

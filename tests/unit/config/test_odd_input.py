@@ -197,3 +197,17 @@ def test_file_names_that_are_not_text_stay_on_one_line(tmp_path: Path) -> None:
     write(tmp_path, b"a: b: c\n", f"conf.d/{odd.name}")
     where = f"{tmp_path / 'conf.d'}/a\\nb\\udcff.yaml:1"
     assert error_of(main) == f"{where}: invalid YAML: mapping values are not allowed here"
+
+
+@pytest.mark.parametrize("network", ["bridge:", "bridge:br 0", "tap0", "user "])
+def test_vm_network_is_checked_once_by_the_schema(tmp_path: Path, network: str) -> None:
+    """Backends get typed options (EngineOptions) and never check this again."""
+    config = tmp_path / "lmrunner.yaml"
+    config.write_text(
+        "factory:\n  space: s.example.com\n  hostname: h.example.com\n"
+        f"  state_dir: {tmp_path / 'state'}\n"
+        "machinetypes:\n  v:\n    backend: vm\n    image: /vmlinuz\n"
+        f"    vm_network: {network!r}\n"
+    )
+    with pytest.raises(ConfigError, match=r"vm_network.*user or bridge:NAME"):
+        load_config(config, check_files=False)
