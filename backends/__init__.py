@@ -35,7 +35,7 @@ REGISTRY: Mapping[str, Maker] = {
     "fake": lambda factory, cgroups: FakeBackend(factory.state_dir / "fake-engine"),
     "docker": lambda factory, cgroups: docker.DockerBackend(cgroup_parent=factory.cgroup_parent),
     "apptainer": lambda factory, cgroups: apptainer.ApptainerBackend(factory, cgroups),
-    "vm": lambda factory, cgroups: vm.VmBackend(factory, cgroups),
+    "vm": lambda factory, cgroups: vm.VmBackend(factory),  # QEMU runs in the core's cgroup
 }
 
 

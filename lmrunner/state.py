@@ -447,11 +447,6 @@ class Store:
             f"UPDATE lms SET {assignments}, rev = rev + 1 WHERE uuid = ?", (*values, record.uuid)
         )
 
-    def free_slots(self, count: int) -> list[int]:
-        """Slot numbers below ``count`` that no active LM holds, lowest first."""
-        used = {record.slot for record in self.active()}
-        return [slot for slot in range(count) if slot not in used]
-
     def last_finished(self, machinetypes: Iterable[str]) -> dict[str, LmRecord]:
         """Per machinetype, its most recently *created* LM that has ended (Vac's finishes/)."""
         out: dict[str, LmRecord] = {}

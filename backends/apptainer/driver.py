@@ -180,7 +180,7 @@ class ApptainerBackend:
     def validate(self, spec: MachineSpec) -> None:
         where = f"apptainer: machinetype {spec.machinetype}"
         try:
-            validate.check(where, spec, self.factory.state_dir)
+            validate.check(where, spec)
         except OSError as err:  # a path that cannot even be looked at (too long, no access)
             raise SpecError(f"{where}: {err}") from err
 
@@ -199,7 +199,6 @@ class ApptainerBackend:
             spec,
             binary,
             state_dir=self.state_dir,
-            factory_state_dir=self.factory.state_dir,
             run=self._run,
         )
         paths = LmPaths(spec.directory)

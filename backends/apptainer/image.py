@@ -16,7 +16,7 @@ from lmrunner import runner
 from lmrunner.backends.apptainer.argv import HOST_PATH
 from lmrunner.backends.apptainer.paths import NAME
 from lmrunner.backends.base import MachineSpec
-from lmrunner.errors import CommandError, LmrunnerError, StartError
+from lmrunner.errors import CommandError, LmrunnerError, SpecError, StartError
 
 LOG = logging.getLogger(__name__)
 
@@ -30,12 +30,21 @@ def is_registry_ref(image: str) -> bool:
     return image.startswith(PULL_SCHEMES)
 
 
-def local_image(spec: MachineSpec, factory_state_dir: Path) -> Path:
-    """An absolute path as is; a relative one in the machinetype's default files/."""
+def local_image(spec: MachineSpec) -> Path:
+    """The local image. The core resolved a relative name in the machinetype's files folder
+    (:func:`lmrunner.spec.image`, the one rule for every backend): a name still relative was
+    not found there.
+
+    Raises:
+        SpecError: the image is not a file or folder lmrunner found.
+    """
     image = Path(spec.image)
-    if image.is_absolute():
-        return image
-    return factory_state_dir / "machinetypes" / spec.machinetype / "files" / image
+    if not image.is_absolute():
+        raise SpecError(
+            f"{NAME}: machinetype {spec.machinetype}: image {spec.image!r} is neither in its "
+            "files folder nor an absolute path"
+        )
+    return image
 
 
 def resolve(
@@ -43,7 +52,6 @@ def resolve(
     binary: str,
     *,
     state_dir: Path,
-    factory_state_dir: Path,
     run: Callable[..., runner.Completed],
 ) -> Path:
     """The image to run: a local path, or a registry ref pulled once into the cache
@@ -53,7 +61,7 @@ def resolve(
         StartError: the reference is not in the cache and cannot be pulled.
     """
     if not is_registry_ref(spec.image):
-        return local_image(spec, factory_state_dir)
+        return local_image(spec)
     cache = state_dir / "images"
     target = cache / (hashlib.sha256(spec.image.encode()).hexdigest()[:32] + ".sif")
     if target.is_file():

@@ -13,7 +13,7 @@ from lmrunner.backends.base import MachineSpec
 from lmrunner.errors import SpecError
 
 
-def check(where: str, spec: MachineSpec, factory_state_dir: Path) -> None:
+def check(where: str, spec: MachineSpec) -> None:
     """Raise SpecError (its message starting with ``where``) when apptainer cannot run ``spec``.
 
     Raises:
@@ -37,7 +37,7 @@ def check(where: str, spec: MachineSpec, factory_state_dir: Path) -> None:
             f"{where}: image {spec.image!r}: only a directory, a SIF file or {schemes} refs"
         )
     else:
-        image = local_image(spec, factory_state_dir)
+        image = local_image(spec)
         if not image.exists():
             raise SpecError(f"{where}: image {image} does not exist")
         if not (image.is_dir() or image.is_file()):

@@ -76,7 +76,6 @@ from lmrunner.errors import (
 from lmrunner.model import Placement
 
 if TYPE_CHECKING:
-    from lmrunner.cgroups.base import CgroupController
     from lmrunner.config import FactoryConfig
 
 LOG = logging.getLogger("lmrunner.backends.vm")  # one logger for the whole backend
@@ -110,7 +109,6 @@ class VmBackend:
     def __init__(
         self,
         factory: FactoryConfig,
-        cgroups: CgroupController | None = None,
         *,
         supervisor: process.Supervisor | None = None,
         probe_dirs: tuple[Path, ...] | None = None,
@@ -123,7 +121,6 @@ class VmBackend:
         (default: ``$LMRUNNER_CACHE_DIR``, else /var/cache/lmrunner, read now);
         ``unpack_kernel``: how a bzImage is unpacked into the kernel cache (a child process)."""
         self.factory = factory
-        self.cgroups = cgroups
         self.root = factory.state_dir / "vm"
         self.supervisor = supervisor or process.Supervisor()
         host_cache = host_cache if host_cache is not None else host_cache_dir(os.environ)

@@ -549,24 +549,6 @@ def test_an_inactive_record_can_be_inserted_into_a_held_slot(store: Store) -> No
     assert [r.uuid for r in store.active()] == ["holder"]
 
 
-def test_free_slots(store: Store) -> None:
-    assert store.free_slots(4) == [0, 1, 2, 3]
-    assert store.free_slots(0) == []
-    store.insert(record(1, uuid="a"))
-    store.insert(record(3, uuid="b"))
-    store.insert(record(0, uuid="c"))
-    finish(store, "c", at=T0 + 1)
-    assert store.free_slots(4) == [0, 2]
-    assert store.free_slots(2) == [0]
-    store.transition("a", S.FAILED)
-    assert store.free_slots(4) == [0, 1, 2]
-    store.insert(record(9, uuid="beyond"))
-    assert store.free_slots(4) == [0, 1, 2]  # slots past count do not matter
-
-
-# --- requests ---------------------------------------------------------------------------------
-
-
 def test_requests_are_taken_once_in_order(store: Store) -> None:
     store.add_request("u1", "stop", 30.0)
     store.add_request("u2", "kill")

@@ -54,6 +54,7 @@ from lmrunner.errors import (
 )
 from lmrunner.model import Handle, Limits, Mount
 from lmrunner.process import ProcessId, identify, shell_status
+from lmrunner.spec import image as spec_image
 
 #: An account for the LMs: not root, and one the test process may chown to.
 OWNER = (54321, 54321) if os.getuid() == 0 else (os.getuid(), os.getgid())
@@ -436,16 +437,19 @@ def test_validate_names_the_folder_the_lm_account_cannot_pass(
         lm_dir.parent.chmod(0o755)
 
 
-def test_relative_images_are_looked_up_in_the_machinetypes_files(
-    tmp_path: Path, lm_dir: Path
-) -> None:
-    files = tmp_path / "state" / "machinetypes" / "sc" / "files" / "img"
-    files.mkdir(parents=True)
-    for path in files.parents:
-        if path == tmp_path.parent:
-            break
-        path.chmod(0o755)
-    make_backend(tmp_path).validate(make_spec(lm_dir, "img"))
+def test_relative_images_are_the_cores_to_resolve(tmp_path: Path, lm_dir: Path) -> None:
+    """lmrunner.spec.image resolves relative names in the machinetype's files folder (one rule
+    for every backend); a name still relative when it reaches the backend was not found."""
+    with pytest.raises(SpecError, match="neither in its files folder nor an absolute path"):
+        make_backend(tmp_path).validate(make_spec(lm_dir, "img"))
+
+
+def test_the_spec_resolves_relative_images_in_the_files_folder(tmp_path: Path) -> None:
+    files = tmp_path / "files"
+    (files / "img").mkdir(parents=True)
+    assert spec_image("img", files) == str(files / "img")
+    assert spec_image("missing.sif", files) == "missing.sif"  # the backend says it is missing
+    assert spec_image("docker://vcbusybox", files) == "docker://vcbusybox"
 
 
 # --- start, inspect, stop, destroy ---------------------------------------------------------------

@@ -599,7 +599,7 @@ def test_the_apptainer_probe_never_raises_even_on_a_surprise(tmp_path: Path) -> 
 
 def vm_backend(tmp_path: Path, accel: str = "tcg") -> vm.VmBackend:
     factory = FactoryConfig(space="vm.example.com", state_dir=tmp_path / "state", vm_accel=accel)
-    return vm.VmBackend(factory, None, supervisor=NullSupervisor())  # type: ignore[arg-type]
+    return vm.VmBackend(factory, supervisor=NullSupervisor())  # type: ignore[arg-type]
 
 
 def write_record(backend: vm.VmBackend, data: bytes | None) -> Path:

@@ -216,7 +216,6 @@ def backend(
 ) -> Iterator[vm.VmBackend]:
     made = vm.VmBackend(
         factory,
-        None,
         supervisor=FakeSupervisor(running),  # type: ignore[arg-type]
         unpack_kernel=vm_kernel.cached,  # in-process: unit tests start no children
     )
@@ -533,7 +532,6 @@ def test_kernels_boot_unpacked_under_tcg_unless_told_otherwise(
     config = dataclasses.replace(factory, vm_accel=accel, vm_direct_kernel=choice)
     backend = vm.VmBackend(
         config,
-        None,
         supervisor=FakeSupervisor(running),  # type: ignore[arg-type]
         unpack_kernel=vm_kernel.cached,
     )
@@ -691,7 +689,7 @@ def test_recover_reattaches_to_a_running_vm(
 ) -> None:
     handle, qemu = started(backend, tmp_path)
     backend.close()  # the daemon goes; QEMU stays
-    after = vm.VmBackend(factory, None, supervisor=FakeSupervisor(running))  # type: ignore[arg-type]
+    after = vm.VmBackend(factory, supervisor=FakeSupervisor(running))  # type: ignore[arg-type]
     try:
         after.recover(UUID, handle)
         supervisor = fake(after)
