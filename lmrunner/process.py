@@ -26,10 +26,12 @@ any version compare alike. Listing processes, their accounts and environments is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import select
+import signal
 import subprocess
 import threading
 import time
@@ -87,6 +89,34 @@ def identify(pid: int) -> ProcessId | None:
 def alive(process: ProcessId) -> bool:
     """Whether ``process`` still runs (same pid, same start time, not a zombie)."""
     return identify(process.pid) == process
+
+
+def send_signal(process: ProcessId, signum: int, *, group: bool = False) -> None:
+    """Signal exactly ``process``, nothing when its pid now names another process: through a
+    pidfd (Linux 5.3+), else by its identity checked first. With ``group``, its whole process
+    group when it leads one (an LM's engine process leads its own session). The one way
+    lmrunner signals a process it knows by pid."""
+    if group:
+        with contextlib.suppress(ProcessLookupError):
+            if alive(process) and os.getpgid(process.pid) == process.pid:
+                os.killpg(process.pid, signum)  # a group leader's pid is not reused while it lives
+                return
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except ProcessLookupError:
+        return
+    except OSError:  # no pidfd_open (EL7's kernel): by its identity, checked first
+        if alive(process):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signum)
+        return
+    try:
+        if alive(process):
+            signal.pidfd_send_signal(pidfd, signum)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
 
 
 def read_status(path: Path) -> ExitStatus | None:

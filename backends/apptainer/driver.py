@@ -58,7 +58,7 @@ from lmrunner.errors import (
     StartError,
 )
 from lmrunner.model import Placement
-from lmrunner.process import ProcessId, Supervisor, alive, identify, read_status
+from lmrunner.process import ProcessId, Supervisor, alive, read_status, send_signal
 
 LOG = logging.getLogger(__name__)
 
@@ -490,10 +490,4 @@ def _signal_group(process: ProcessId, signum: int) -> None:
     """Signal ``process`` and, when it leads one, its process group (an LM's apptainer process
     leads its own session, and the container's processes stay in its group); nothing when the
     pid is no longer that process."""
-    if identify(process.pid) != process:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        if os.getpgid(process.pid) == process.pid:
-            os.killpg(process.pid, signum)
-        else:
-            os.kill(process.pid, signum)
+    send_signal(process, signum, group=True)

@@ -579,23 +579,8 @@ class VmBackend:
         return _find_qemu(uuid)  # started, but the daemon died before recording the pid
 
     def _kill(self, pid: process.ProcessId) -> None:
-        """SIGKILL exactly this process (a pidfd: a recycled pid is never hit)."""
-        try:
-            pidfd = os.pidfd_open(pid.pid)
-        except ProcessLookupError:
-            return
-        except OSError:  # no pidfd_open (Linux < 5.3, e.g. EL7): by its identity, checked first
-            if process.alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid.pid, signal.SIGKILL)
-            return
-        try:
-            if process.alive(pid):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        finally:
-            os.close(pidfd)
+        """SIGKILL exactly this process (a recycled pid is never hit)."""
+        process.send_signal(pid, signal.SIGKILL)
 
 
 def _engine(record: Mapping[str, Any]) -> dict[str, str]:

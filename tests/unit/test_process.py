@@ -20,7 +20,15 @@ import psutil
 import pytest
 
 from lmrunner.errors import CommandError
-from lmrunner.process import ExitStatus, ProcessId, Supervisor, alive, identify, read_status
+from lmrunner.process import (
+    ExitStatus,
+    ProcessId,
+    Supervisor,
+    alive,
+    identify,
+    read_status,
+    send_signal,
+)
 
 pytestmark = pytest.mark.allow_subprocess
 
@@ -386,3 +394,20 @@ def test_read_status_of_an_unobserved_end(tmp_path: Path) -> None:
     path = tmp_path / "status.json"
     path.write_text('{"exit_code": null, "ended_at": null}')
     assert read_status(path) == ExitStatus(None, None)
+
+
+@pytest.mark.allow_subprocess
+def test_send_signal_hits_exactly_the_process_it_names() -> None:
+    """The one way lmrunner signals a process it knows by pid: never a recycled pid."""
+    child = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        me = identify(child.pid)
+        assert me is not None
+        send_signal(ProcessId(child.pid, me.start_ticks + 1), signal.SIGKILL)  # another one
+        assert alive(me)
+        send_signal(me, signal.SIGKILL, group=True)
+        assert child.wait(timeout=10) == -signal.SIGKILL
+        send_signal(me, signal.SIGKILL)  # gone: nothing happens
+    finally:
+        child.kill()
+        child.wait()

@@ -212,7 +212,7 @@ def process_state(monkeypatch: pytest.MonkeyPatch) -> dict[int, ProcessId]:
     """The live processes the backend's identity checks see (pid -> identity)."""
     live: dict[int, ProcessId] = {}
     monkeypatch.setattr(driver, "alive", lambda p: live.get(p.pid) == p)
-    monkeypatch.setattr(driver, "identify", lambda pid: live.get(pid))
+    monkeypatch.setattr("lmrunner.process.identify", lambda pid: live.get(pid))
     return live
 
 
@@ -222,6 +222,11 @@ def signals(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
     monkeypatch.setattr(os, "killpg", lambda pid, sig: sent.append(("pg", pid, sig)))
     monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append(("pid", pid, sig)))
     monkeypatch.setattr(os, "getpgid", lambda pid: pid if pid == 4242 else 1)
+
+    def no_pidfd(pid: int) -> int:  # the fallback by identity, which os.kill above records
+        raise OSError(38, "pidfd_open not here")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
     return sent
 
 

@@ -432,7 +432,7 @@ class NullSupervisor:
 def no_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     """No LM process is alive (the identity checks never see this host's)."""
     monkeypatch.setattr(apptainer.driver, "alive", lambda p: False)
-    monkeypatch.setattr(apptainer.driver, "identify", lambda pid: None)
+    monkeypatch.setattr("lmrunner.process.identify", lambda pid: None)
     monkeypatch.setattr(process, "alive", lambda p: False)
 
 
