@@ -96,6 +96,11 @@ class LmCgroups:
     def remove(self, record: LmRecord) -> bool:
         """Kill what is left in an ended LM's cgroup and remove it; False to retry later."""
         ref = self.ref(record)
+        if ref is None and record.cgroup is not None:
+            # An unreadable reference: forget it, and the cgroup is found by its name
+            # (lm-<uuid>) as an unrecorded one by :meth:`remove_leftovers`.
+            self.store.update(record.uuid, cgroup=None)
+            return self.controller is None
         if ref is None or self.controller is None:
             return record.cgroup is None
         try:

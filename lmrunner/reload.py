@@ -43,11 +43,18 @@ def remade(
     needed = {mt.backend.value for mt in new.machinetypes.values()}
     needed |= {record.backend for record in active}
     remake = needed if new.factory != old.factory else needed - set(backends)
+    made: dict[str, Backend] = {}
+    try:  # all made before any is replaced: a make() that fails leaves the running ones as is
+        for name in sorted(remake):
+            fresh = make(name)
+            if fresh is not None:  # None: not in this lmrunner (reported at the daemon's start)
+                made[name] = fresh
+    except BaseException:
+        for fresh in made.values():
+            fresh.close()
+        raise
     out = dict(backends)
-    for name in sorted(remake):
-        fresh = make(name)
-        if fresh is None:
-            continue  # not in this lmrunner; reported when the daemon started
+    for name, fresh in made.items():
         if name in out:
             out[name].close()
         out[name] = fresh

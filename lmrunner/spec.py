@@ -54,7 +54,9 @@ def plan(
         slot=slot,
         processors=decision.processors,
         limits=payload.limits_for(config, mt, decision.processors),
-        hs06=(factory.hs06_per_processor or 1.0) * decision.processors,
+        # unset counts as 1 HS06 per processor for the shares; a configured 0 stays 0
+        hs06=(1.0 if factory.hs06_per_processor is None else factory.hs06_per_processor)
+        * decision.processors,
         shutdown_time=decision.shutdown_time,
         directory=directory,
         created=created,
