@@ -465,6 +465,9 @@ def test_full_and_read_only_state_directory_pause_starts_and_lose_nothing(
         with running(site) as daemon:
             wait_alive(daemon, site, lambda: any_lm(site, is_active=False), 30, "an LM ended")
             for what, reason in (("full", ("full", "no space")), ("read-only", ("read-only",))):
+                # LMs are short and follow each other: block while one runs, not in a gap.
+                wait_alive(daemon, site, lambda: any_lm(site, state=LmState.RUNNING), 30,
+                           "an LM running")  # fmt: skip
                 before = site.snapshot()
                 offset = len(site.log_text())
                 if what == "full":
