@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import ClassVar, Protocol
 
 from lmrunner.cgroups.base import CgroupRef
+from lmrunner.config import MachinetypeConfig
 from lmrunner.model import Handle, Limits, Mount, Placement
 
 __all__ = ["Handle"]  # defined with the other shared value types; part of this contract
@@ -56,19 +57,26 @@ class MachineSpec:
     directory: Path  # the LM directory (logs the backend keeps go here too)
     owner: tuple[int, int]  # uid, gid the LM runs as
     stop_grace_seconds: int
-    options: EngineOptions = field(default_factory=lambda: EngineOptions())
+    #: the backend's own options (its ``options_type``), made by the core from the machinetype
+    options: object = field(default_factory=lambda: NoOptions())
     cgroup: LmCgroup | None = None  # None: this host gives lmrunner no cgroups
 
 
-@dataclass(frozen=True, slots=True)
-class EngineOptions:
-    """A machinetype's engine-specific options, typed, and validated once, by the configuration
-    schema (:class:`lmrunner.config.MachinetypeConfig`); each backend reads those it knows."""
+class OptionsType(Protocol):
+    """What a backend declares as ``options_type``: a frozen dataclass of its own options, made
+    from the machinetype the configuration schema built and checked (one validation; the
+    backend never checks them again). ``files_dir``: where relative file names resolve."""
 
-    capabilities: tuple[str, ...] = ()  # Docker: added to the reduced default set
-    vm_initrd: Path | None = None  # VM: the initramfs booted with a kernel image (absolute)
-    vm_kernel_append: str | None = None  # VM: the kernel command line (None: the backend's)
-    vm_bridge: str | None = None  # VM: a bridge the admin prepared; None: user networking
+    def from_machinetype(self, mt: MachinetypeConfig, files_dir: Path) -> object: ...
+
+
+@dataclass(frozen=True, slots=True)
+class NoOptions:
+    """The options of a backend that has none of its own."""
+
+    @classmethod
+    def from_machinetype(cls, mt: MachinetypeConfig, files_dir: Path) -> NoOptions:
+        return cls()
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +134,8 @@ class Backend(Protocol):
 
     name: ClassVar[str]
     placement: ClassVar[Placement]
+    #: its options, built by the core for each LM (:class:`OptionsType`)
+    options_type: ClassVar[OptionsType]
     #: True when LMs run as the factory's unprivileged sc_user (their joboutputs belong to it).
     runs_as_sc_user: ClassVar[bool]
 

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,10 +33,12 @@ from lmrunner.backends.base import (
     Handle,
     Health,
     MachineSpec,
+    OptionsType,
     Owned,
     Probe,
     Status,
 )
+from lmrunner.config import MachinetypeConfig
 from lmrunner.errors import (
     BackendError,
     BackendUnavailable,
@@ -49,6 +52,24 @@ from lmrunner.model import ETC_PLACEMENT, Placement
 LOG = logging.getLogger(__name__)
 
 PLACEMENT = ETC_PLACEMENT
+
+
+@dataclass(frozen=True, slots=True)
+class DockerOptions:
+    """The Docker backend's options, from the machinetype (the schema checked them)."""
+
+    capabilities: tuple[str, ...] = ()  # added to the reduced default set
+
+    @classmethod
+    def from_machinetype(cls, mt: MachinetypeConfig, files_dir: Path) -> DockerOptions:
+        return cls(capabilities=mt.capabilities)
+
+    @classmethod
+    def of(cls, spec: MachineSpec) -> DockerOptions:
+        """The spec's options (the defaults when the core gave none, as tests do)."""
+        return spec.options if isinstance(spec.options, cls) else cls()
+
+
 HANDLE_VERSION = 1
 MIN_API = (1, 40)  # Docker 19.03: nano_cpus, pids_limit, events with label filters
 #: Docker's default set less MKNOD, NET_RAW, SETFCAP, SETPCAP and AUDIT_WRITE, which payloads
@@ -78,6 +99,7 @@ class DockerBackend:
 
     name: ClassVar[str] = "docker"
     placement: ClassVar[Placement] = PLACEMENT
+    options_type: ClassVar[OptionsType] = DockerOptions
     runs_as_sc_user: ClassVar[bool] = False
 
     def __init__(
@@ -115,7 +137,7 @@ class DockerBackend:
         image = _image(spec.image)
         if not image:
             raise SpecError(f"docker: machinetype {spec.machinetype}: empty image")
-        for capability in spec.options.capabilities:
+        for capability in DockerOptions.of(spec).capabilities:
             if capability in ("ALL",):
                 raise SpecError(
                     f"docker: machinetype {spec.machinetype}: capability ALL is refused"
@@ -129,7 +151,7 @@ class DockerBackend:
             why = f"cannot connect to Docker to start {spec.name}: {err}"
             raise StartError(self.name, why, recoverable=True) from err
         self._ensure_image(image, spec.name)
-        capabilities = sorted({*DEFAULT_CAPABILITIES, *spec.options.capabilities})
+        capabilities = sorted({*DEFAULT_CAPABILITIES, *DockerOptions.of(spec).capabilities})
         with self._engine_errors(f"cannot create the container of {spec.name}", StartError):
             container = client.containers.create(
                 image,

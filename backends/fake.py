@@ -26,6 +26,8 @@ from lmrunner.backends.base import (
     Handle,
     Health,
     MachineSpec,
+    NoOptions,
+    OptionsType,
     Owned,
     Probe,
     Status,
@@ -91,6 +93,7 @@ class FakeBackend:
 
     name: ClassVar[str] = "fake"
     placement: ClassVar[Placement] = ETC_PLACEMENT
+    options_type: ClassVar[OptionsType] = NoOptions
     runs_as_sc_user: ClassVar[bool] = False
 
     def __init__(self, engine_dir: Path, clock: Callable[[], float] = time.time) -> None:

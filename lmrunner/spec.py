@@ -16,7 +16,6 @@ from lmrunner.backends.base import (
     LABEL_NAME,
     LABEL_UUID,
     Backend,
-    EngineOptions,
     MachineSpec,
 )
 from lmrunner.config import Config, MachinetypeConfig, resolve_local
@@ -111,13 +110,7 @@ def build(
         directory=prepared.directory,
         owner=owner,
         stop_grace_seconds=mt.stop_grace_seconds,
-        options=EngineOptions(
-            capabilities=mt.capabilities,
-            vm_initrd=None if mt.vm_initrd is None else resolve_local(mt.vm_initrd, files),
-            vm_kernel_append=mt.vm_kernel_append,
-            # the schema took only "user" or "bridge:NAME"
-            vm_bridge=mt.vm_network.partition(":")[2] or None,
-        ),
+        options=backend.options_type.from_machinetype(mt, files),
     )
 
 

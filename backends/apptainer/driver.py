@@ -42,6 +42,8 @@ from lmrunner.backends.base import (
     Handle,
     Health,
     MachineSpec,
+    NoOptions,
+    OptionsType,
     Owned,
     Probe,
     Status,
@@ -97,6 +99,7 @@ class ApptainerBackend:
 
     name: ClassVar[str] = NAME
     placement: ClassVar[Placement] = PLACEMENT
+    options_type: ClassVar[OptionsType] = NoOptions
     runs_as_sc_user: ClassVar[bool] = True
 
     def __init__(

@@ -33,6 +33,7 @@ from lmrunner.backends.base import (
     Handle,
     Health,
     MachineSpec,
+    OptionsType,
     Owned,
     Probe,
     Status,
@@ -62,7 +63,7 @@ from lmrunner.backends.vm.names import (
     SCRATCH,
     SHUTDOWN,
 )
-from lmrunner.backends.vm.plan import PLACEMENT, ImageKind, Plan, plan
+from lmrunner.backends.vm.plan import PLACEMENT, ImageKind, Plan, VmOptions, plan
 from lmrunner.backends.vm.qmp import QMP_TIMEOUT, EventWatch, QmpError, qmp_execute
 from lmrunner.errors import (
     BackendError,
@@ -103,6 +104,7 @@ class VmBackend:
 
     name: ClassVar[str] = "vm"
     placement: ClassVar[Placement] = PLACEMENT
+    options_type: ClassVar[OptionsType] = VmOptions
     #: QEMU drops to sc_user (-runas) once it has opened its files; see the package docstring.
     runs_as_sc_user: ClassVar[bool] = True
 

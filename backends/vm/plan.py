@@ -14,6 +14,7 @@ from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
 from lmrunner.backends.base import MachineSpec
+from lmrunner.config import MachinetypeConfig, resolve_local
 from lmrunner.errors import SpecError
 from lmrunner.model import ETC_PLACEMENT, MIB
 
@@ -37,6 +38,28 @@ class ImageKind(StrEnum):
     KERNEL = "kernel"  # image is a kernel, booted with vm_initrd and vm_kernel_append
     ISO = "iso"  # a live CD (CernVM): boots from a CD-ROM, the scratch disk is its disk
     DISK = "disk"  # a bootable disk (qcow2 or raw), through a per-LM copy-on-write overlay
+
+
+@dataclass(frozen=True, slots=True)
+class VmOptions:
+    """The VM backend's options, from the machinetype (the schema checked them)."""
+
+    vm_initrd: Path | None = None  # the initramfs booted with a kernel image (absolute)
+    vm_kernel_append: str = DEFAULT_APPEND  # the kernel command line
+    vm_bridge: str | None = None  # a bridge the admin prepared; None: user networking
+
+    @classmethod
+    def from_machinetype(cls, mt: MachinetypeConfig, files_dir: Path) -> VmOptions:
+        return cls(
+            vm_initrd=None if mt.vm_initrd is None else resolve_local(mt.vm_initrd, files_dir),
+            vm_kernel_append=mt.vm_kernel_append,
+            vm_bridge=mt.vm_network.partition(":")[2] or None,  # "user" or "bridge:NAME"
+        )
+
+    @classmethod
+    def of(cls, spec: MachineSpec) -> VmOptions:
+        """The spec's options (the defaults when the core gave none, as tests do)."""
+        return spec.options if isinstance(spec.options, cls) else cls()
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +97,7 @@ def plan(spec: MachineSpec) -> Plan:
         SpecError: a relative or remote image, a missing file, a bad option.
     """
     where = f"vm: machinetype {spec.machinetype}"
-    options = spec.options
+    options = VmOptions.of(spec)
     image = _local_file(spec.image, f"{where}: image")
     initrd = options.vm_initrd
     initrd = None if initrd is None else _local_file(str(initrd), f"{where}: vm_initrd")

@@ -14,7 +14,9 @@ from typing import Any, ClassVar
 import pytest
 
 from lmrunner import payload, spec
-from lmrunner.backends.base import LABEL_FACTORY, LABEL_NAME, LABEL_UUID, EngineOptions
+from lmrunner.backends.base import LABEL_FACTORY, LABEL_NAME, LABEL_UUID, NoOptions
+from lmrunner.backends.docker import DockerOptions
+from lmrunner.backends.vm.plan import VmOptions
 from lmrunner.config import Config
 from lmrunner.errors import LmrunnerError
 from lmrunner.lifecycle import LmState
@@ -176,11 +178,11 @@ def test_build_makes_the_folder_and_the_spec(env: Env) -> None:
         OWNER,
         45,
     )
-    assert machine.options == EngineOptions(
-        capabilities=("SYS_ADMIN", "NET_ADMIN"),
-        vm_initrd=files / "initrd.img",
-        vm_kernel_append="console=hvc0",
-        vm_bridge="br-lm",
+    assert machine.options == NoOptions()  # the fake backend declares none
+    mt = made.machinetypes["alpha"]  # each backend's own, from the same checked machinetype
+    assert DockerOptions.from_machinetype(mt, files) == DockerOptions(("SYS_ADMIN", "NET_ADMIN"))
+    assert VmOptions.from_machinetype(mt, files) == VmOptions(
+        vm_initrd=files / "initrd.img", vm_kernel_append="console=hvc0", vm_bridge="br-lm"
     )
     assert machine.cgroup is None  # made once the backend has validated the spec
     placement = env.backend.placement
@@ -207,8 +209,11 @@ def test_build_with_the_default_engine_options(env: Env) -> None:
     made = config(env)
     planned = spec.plan(made, DECISION, env.backend, 0, float(T0))
     machine = spec.build(made, planned, env.backend, factory_id="fid", owner=OWNER)
-    assert machine.options == EngineOptions(
-        capabilities=(), vm_initrd=None, vm_kernel_append="console=ttyS0 panic=-1", vm_bridge=None
+    assert machine.options == NoOptions()
+    mt = made.machinetypes["alpha"]
+    assert DockerOptions.from_machinetype(mt, files_dir(env)) == DockerOptions()
+    assert VmOptions.from_machinetype(mt, files_dir(env)) == VmOptions(
+        vm_initrd=None, vm_kernel_append="console=ttyS0 panic=-1", vm_bridge=None
     )
     assert machine.command == ("/user_data",)
     assert machine.image == made.machinetypes["alpha"].image  # a fake: reference, passed through
@@ -216,9 +221,8 @@ def test_build_with_the_default_engine_options(env: Env) -> None:
 
 def test_an_absolute_initrd_is_kept(env: Env, tmp_path: Path) -> None:
     made = config(env, vm_initrd=str(tmp_path / "boot" / "initrd"))
-    planned = spec.plan(made, DECISION, env.backend, 0, float(T0))
-    machine = spec.build(made, planned, env.backend, factory_id="fid", owner=OWNER)
-    assert machine.options.vm_initrd == tmp_path / "boot" / "initrd"
+    options = VmOptions.from_machinetype(made.machinetypes["alpha"], files_dir(env))
+    assert options.vm_initrd == tmp_path / "boot" / "initrd"
 
 
 def test_build_refuses_to_reuse_a_folder(env: Env) -> None:

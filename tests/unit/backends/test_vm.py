@@ -27,7 +27,6 @@ from lmrunner import process, runner
 from lmrunner.backends import vm
 from lmrunner.backends.base import (
     Backend,
-    EngineOptions,
     EngineState,
     Handle,
     Health,
@@ -38,6 +37,7 @@ from lmrunner.backends.vm import accel as vm_accel
 from lmrunner.backends.vm import drive as vm_drive
 from lmrunner.backends.vm import driver
 from lmrunner.backends.vm import kernel as vm_kernel
+from lmrunner.backends.vm.plan import VmOptions
 from lmrunner.cgroups.base import CgroupRef
 from lmrunner.config import FactoryConfig
 from lmrunner.errors import BackendError, CommandError, MachineNotFound, SpecError, StartError
@@ -277,7 +277,7 @@ def make_spec(tmp_path: Path, image: Path | str, **options: Any) -> MachineSpec:
         directory=lm,
         owner=(os.getuid(), os.getgid()),
         stop_grace_seconds=5,
-        options=EngineOptions(**options),
+        options=VmOptions(**options),
     )
 
 

@@ -201,7 +201,7 @@ def test_file_names_that_are_not_text_stay_on_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("network", ["bridge:", "bridge:br 0", "tap0", "user "])
 def test_vm_network_is_checked_once_by_the_schema(tmp_path: Path, network: str) -> None:
-    """Backends get typed options (EngineOptions) and never check this again."""
+    """Backends get their typed options (VmOptions) and never check this again."""
     config = tmp_path / "lmrunner.yaml"
     config.write_text(
         "factory:\n  space: s.example.com\n  hostname: h.example.com\n"
