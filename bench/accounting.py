@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lmrunner.factory import host_cgroups  # noqa: E402
+from lmrunner.lmcgroups import host_cgroups  # noqa: E402
 from tests.integration import accounting as scenarios  # noqa: E402
 
 

@@ -33,7 +33,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lmrunner.backends import make_backends
-from lmrunner.factory import Factory, Tuning, host_cgroups
+from lmrunner.factory import Factory, Tuning
+from lmrunner.lmcgroups import host_cgroups
 from lmrunner.loader import load_config
 from lmrunner.state import Store
 

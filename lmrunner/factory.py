@@ -25,12 +25,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from lmrunner import planning, slots, spec, statedir
 from lmrunner import reload as reloading
-from lmrunner import slots, spec, statedir
-from lmrunner.backends.base import Backend, EngineState, Health, Owned
+from lmrunner.backends.base import Backend, EngineState
 from lmrunner.cgroups import CgroupController
 from lmrunner.config import Config
-from lmrunner.ending import RESTART_OUTCOME, UNRECORDED_OUTCOME, Endings, accounting_record
+from lmrunner.ending import RESTART_OUTCOME, UNRECORDED_OUTCOME, Endings
 from lmrunner.enforce import Enforcer
 from lmrunner.errors import BackendError, BackendUnavailable, LmrunnerError, MachineNotFound
 from lmrunner.guard import guarded
@@ -39,17 +39,9 @@ from lmrunner.lifecycle import (
     operator_outcome,
     start_failed_outcome,
 )
-from lmrunner.lmcgroups import LmCgroups, cgroup_name, host_cgroups
-from lmrunner.reconcile import Reaper, cleanup_directories
+from lmrunner.lmcgroups import LmCgroups
+from lmrunner.reconcile import Reaper, cleanup_directories, engine_objects, remove_all
 from lmrunner.state import LmRecord, Store, StoreError, StoreUnwritable
-
-__all__ = [  # also importable from here, as before the jobs had modules of their own
-    "RESTART_OUTCOME",
-    "UNRECORDED_OUTCOME",
-    "accounting_record",
-    "cgroup_name",
-    "host_cgroups",
-]
 
 LOG = logging.getLogger(__name__)
 CLEANUP_SECONDS = 3600.0  # LM directories live for days: an hourly look is enough
@@ -247,18 +239,7 @@ class Factory:
         self.lm_cgroups.sample_memory(active)
         self.lm_cgroups.remove_leftovers()
         self.endings.publish(self.config)
-        owned: dict[str, tuple[Backend, list[Owned]]] = {}
-        for backend in self.backends.values():
-            probe = backend.probe()
-            if probe.health is not Health.OK:
-                self._unavailable(backend, probe.detail)
-                continue
-            if self.unavailable.pop(backend.name, None) is not None:
-                LOG.info("backend=%s: available again (%s)", backend.name, probe.detail)
-            try:
-                owned[backend.name] = (backend, backend.list_owned())
-            except BackendError as err:
-                self._unavailable(backend, err)
+        owned = engine_objects(self.backends, self._unavailable, self.unavailable)
         self.reaper.reap(owned, {record.uuid for record in active})
         now = self.clock()
         if now >= self._next_cleanup:
@@ -280,29 +261,14 @@ class Factory:
     def plan(
         self, active: list[LmRecord], max_starts: int, *, working_engines_only: bool = True
     ) -> list[slots.StartDecision] | slots.Blocked:
-        """What the planner would start now, unless draining; only machinetypes whose engine
-        works unless ``working_engines_only`` is False (``daemon --dry-run``)."""
-        config = self.config
-        usable = {
-            name: mt
-            for name, mt in config.machinetypes.items()
-            if not working_engines_only
-            or (mt.backend.value in self.backends and mt.backend.value not in self.unavailable)
-        }
-        if len(usable) < len(config.machinetypes):  # the others' engines are missing or down
-            config = replace(config, machinetypes=usable)
-        if self.store.meta("draining") == "1":  # `lmrunner drain`, on top of the configuration
-            config = replace(config, factory=replace(config.factory, draining=True))
-        running = [
-            slots.RunningLm(
-                r.machinetype, r.processors, r.hs06, r.shutdown_time, r.created, r.started
-            )
-            for r in active
-        ]
+        """What the planner would start now (:mod:`lmrunner.planning`); on every engine, working
+        or not, for ``daemon --dry-run``."""
+        engines = set(self.backends) - set(self.unavailable) if working_engines_only else None
+        config, running, histories = planning.inputs(self.config, self.store, active, engines)
         return slots.plan(
             config,
             running,
-            self.histories(),
+            histories,
             now=self.clock(),
             load_average=self.load_average(),
             counted_cpus=os.cpu_count() or 1,
@@ -331,12 +297,7 @@ class Factory:
         return started
 
     def histories(self) -> dict[str, slots.TypeHistory]:
-        """Vac's backoff input: the end of the most recently created finished LM, if an abort."""
-        out: dict[str, slots.TypeHistory] = {}
-        for name, record in self.store.last_finished(self.config.machinetypes).items():
-            aborted = record.outcome is not None and record.outcome.abort
-            out[name] = slots.TypeHistory(last_abort=record.finished if aborted else None)
-        return out
+        return planning.histories(self.config, self.store)
 
     def _start(self, decision: slots.StartDecision, slot: int) -> LmRecord | None:
         mt = self.config.machinetypes[decision.machinetype]
@@ -456,23 +417,9 @@ class Factory:
         self.events.put("")
 
     def remove_all(self) -> int:
-        """Kill and remove every engine object of this factory (tests, demos); returns how many.
-
-        Never used by the daemon itself: a factory's LMs outlive it by design.
-        """
-        count = 0
-        for backend in self.backends.values():
-            try:
-                for owned in backend.list_owned():
-                    if owned.factory == self.store.factory_id:
-                        backend.stop(owned.uuid, owned.handle, force=True)
-                        backend.destroy(owned.uuid, owned.handle)
-                        count += 1
-            except BackendError as err:
-                LOG.error("backend=%s: cannot remove this factory's objects: %s", backend.name, err)
-        for record in self.store.active():
-            self.lm_cgroups.remove(record)
-        return count
+        """Kill and remove every engine object and cgroup of this factory (tests, demos; never
+        the daemon: a factory's LMs outlive it by design); returns how many objects."""
+        return remove_all(self.backends, self.store, self.lm_cgroups)
 
     def close(self) -> None:
         for backend in self.backends.values():

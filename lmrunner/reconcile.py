@@ -6,13 +6,15 @@ only objects carrying this factory's label are ever touched."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 from lmrunner import untrusted
-from lmrunner.backends.base import Backend, Owned
+from lmrunner.backends.base import Backend, Health, Owned
 from lmrunner.config import Config
+from lmrunner.errors import BackendError
 from lmrunner.guard import guarded
+from lmrunner.lmcgroups import LmCgroups
 from lmrunner.state import Store
 
 LOG = logging.getLogger("lmrunner.factory")
@@ -58,6 +60,47 @@ class Reaper:
         else:
             LOG.warning("orphan %s (%s) of %s: no record; removal after grace", owned.name,
                         owned.uuid, backend.name)  # fmt: skip
+
+
+def engine_objects(
+    backends: Mapping[str, Backend],
+    unavailable: Callable[[Backend, object], None],
+    down: dict[str, str],
+) -> dict[str, tuple[Backend, list[Owned]]]:
+    """Each working backend's labelled objects. A backend whose probe or listing fails is
+    reported to ``unavailable`` (its machinetypes wait); one that works again leaves ``down``
+    (backend name -> why), with a line in the log."""
+    owned: dict[str, tuple[Backend, list[Owned]]] = {}
+    for backend in backends.values():
+        probe = backend.probe()
+        if probe.health is not Health.OK:
+            unavailable(backend, probe.detail)
+            continue
+        if down.pop(backend.name, None) is not None:
+            LOG.info("backend=%s: available again (%s)", backend.name, probe.detail)
+        try:
+            owned[backend.name] = (backend, backend.list_owned())
+        except BackendError as err:
+            unavailable(backend, err)
+    return owned
+
+
+def remove_all(backends: Mapping[str, Backend], store: Store, cgroups: LmCgroups) -> int:
+    """Kill and remove every engine object and cgroup of this store's factory (tests and the
+    demo clean up with it); returns how many engine objects."""
+    count = 0
+    for backend in backends.values():
+        try:
+            for owned in backend.list_owned():
+                if owned.factory == store.factory_id:
+                    backend.stop(owned.uuid, owned.handle, force=True)
+                    backend.destroy(owned.uuid, owned.handle)
+                    count += 1
+        except BackendError as err:
+            LOG.error("backend=%s: cannot remove this factory's objects: %s", backend.name, err)
+    for record in store.active():
+        cgroups.remove(record)
+    return count
 
 
 def cleanup_directories(config: Config, store: Store, now: float) -> list[Path]:

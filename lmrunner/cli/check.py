@@ -16,7 +16,7 @@ from lmrunner.yamlsrc import one_line
 def host_report(config: Config) -> list[str]:
     """What this host gives the configuration: cgroups, and each backend's engine (accel...)."""
     from lmrunner.backends import make_backends
-    from lmrunner.factory import host_cgroups
+    from lmrunner.lmcgroups import host_cgroups
 
     cgroups = host_cgroups(config.factory)
     lines = [

@@ -19,7 +19,8 @@ from lmrunner.backends.base import Backend
 from lmrunner.cli.common import common_options, load
 from lmrunner.config import Config
 from lmrunner.errors import ConfigError, LmrunnerError
-from lmrunner.factory import Factory, Tuning, host_cgroups
+from lmrunner.factory import Factory, Tuning
+from lmrunner.lmcgroups import host_cgroups
 from lmrunner.state import Store, StoreError
 
 LOG = logging.getLogger("lmrunner.daemon")

@@ -23,7 +23,8 @@ import yaml
 from lmrunner.backends import make_backends
 from lmrunner.backends.base import Backend
 from lmrunner.config import Config
-from lmrunner.factory import Factory, Tuning, host_cgroups
+from lmrunner.factory import Factory, Tuning
+from lmrunner.lmcgroups import host_cgroups
 from lmrunner.loader import load_config
 from lmrunner.state import Store
 

@@ -22,8 +22,9 @@ import yaml
 from lmrunner.accounting import Flag
 from lmrunner.cgroups import CgroupRef
 from lmrunner.config import Config
-from lmrunner.factory import Factory, host_cgroups
+from lmrunner.factory import Factory
 from lmrunner.lifecycle import OutcomeSource
+from lmrunner.lmcgroups import host_cgroups
 from lmrunner.loader import load_config
 from lmrunner.process import identify, stat_fields
 from lmrunner.state import LmRecord

@@ -24,8 +24,9 @@ import pytest
 from lmrunner.backends import make_backends
 from lmrunner.backends.vm import AccelProbe, probe_accel
 from lmrunner.config import Config
-from lmrunner.factory import Factory, Tuning, host_cgroups
+from lmrunner.factory import Factory, Tuning
 from lmrunner.lifecycle import LmState
+from lmrunner.lmcgroups import host_cgroups
 from lmrunner.state import LmRecord, Store
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,7 +132,8 @@ def remove_lms(config_file: Path) -> int:
     """Kill and remove every LM a test's daemon left running, with its cgroup (LMs outlive
     their daemon by design; tests must not leave them)."""
     from lmrunner.backends import make_backends
-    from lmrunner.factory import Factory, host_cgroups
+    from lmrunner.factory import Factory
+    from lmrunner.lmcgroups import host_cgroups
     from lmrunner.loader import load_config
     from lmrunner.state import Store
 

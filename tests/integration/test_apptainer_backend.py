@@ -29,8 +29,9 @@ from lmrunner.backends.apptainer import PLACEMENT, ApptainerBackend
 from lmrunner.backends.base import LABEL_FACTORY, LABEL_NAME, LABEL_UUID, MachineSpec
 from lmrunner.cgroups import CgroupController, CgroupRef
 from lmrunner.config import Config, FactoryConfig
-from lmrunner.factory import Factory, host_cgroups
+from lmrunner.factory import Factory
 from lmrunner.lifecycle import LmState, OutcomeSource
+from lmrunner.lmcgroups import host_cgroups
 from lmrunner.loader import load_config
 from lmrunner.model import Limits, Mount
 from lmrunner.state import LmRecord, Store

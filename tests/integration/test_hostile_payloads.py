@@ -46,8 +46,8 @@ import pytest
 import yaml
 
 from lmrunner.config import FactoryConfig
-from lmrunner.factory import host_cgroups
 from lmrunner.lifecycle import LmState, OutcomeSource
+from lmrunner.lmcgroups import host_cgroups
 from lmrunner.state import LmRecord, Store
 from tests.integration import daemons
 from tests.integration.conftest import TIMESCALE, remove_lms, start_daemon

@@ -20,7 +20,8 @@ import yaml
 from lmrunner.backends.base import LABEL_FACTORY, LABEL_NAME, LABEL_UUID, Handle, MachineSpec
 from lmrunner.backends.fake import FakeBackend
 from lmrunner.config import Config
-from lmrunner.factory import RESTART_OUTCOME, Factory, PassReport, Tuning
+from lmrunner.ending import RESTART_OUTCOME
+from lmrunner.factory import Factory, PassReport, Tuning
 from lmrunner.lifecycle import (
     LmState,
     OutcomeSource,

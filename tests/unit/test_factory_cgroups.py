@@ -19,9 +19,11 @@ from lmrunner.accounting import Flag
 from lmrunner.backends.base import Handle, LmCgroup, MachineSpec
 from lmrunner.cgroups import CgroupController, CgroupRef, Usage
 from lmrunner.config import Config
+from lmrunner.ending import accounting_record
 from lmrunner.errors import CgroupError, CgroupUnsupported, SpecError
-from lmrunner.factory import Factory, accounting_record, cgroup_name, host_cgroups
+from lmrunner.factory import Factory
 from lmrunner.lifecycle import LmState, OutcomeSource
+from lmrunner.lmcgroups import cgroup_name, host_cgroups
 from lmrunner.state import LmRecord
 from tests.unit.test_factory import LM0, T0, TUNING, Env, QuietFake
 

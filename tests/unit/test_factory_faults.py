@@ -24,8 +24,9 @@ import pytest
 from lmrunner.accounting import AccountingRecord
 from lmrunner.backends.base import Handle, Status
 from lmrunner.config import Config
+from lmrunner.ending import UNRECORDED_OUTCOME, accounting_record
 from lmrunner.errors import BackendError
-from lmrunner.factory import UNRECORDED_OUTCOME, Factory, accounting_record
+from lmrunner.factory import Factory
 from lmrunner.lifecycle import (
     IllegalTransition,
     LmState,
