@@ -399,13 +399,7 @@ class Store:
     def transition(self, uuid: str, new: LmState, **changes: Any) -> LmRecord:
         """Move an LM to ``new`` (checked against the transition table) and apply ``changes``."""
         with self.write():
-            current = self.get(uuid)
-            if current is None:
-                raise StoreError(f"no LM with uuid {uuid}")
-            check_transition(current.state, new)
-            updated = replace(current, state=new, **changes)
-            self._update(updated)
-        return updated
+            return self._transition(uuid, new, changes)
 
     def finish(
         self,
@@ -417,13 +411,18 @@ class Store:
         """End an LM: its state, outcome and accounting record (``accounting(updated record)``)
         in one transaction, so a daemon killed at any point leaves both or neither."""
         with self.write():
-            current = self.get(uuid)
-            if current is None:
-                raise StoreError(f"no LM with uuid {uuid}")
-            check_transition(current.state, new)
-            updated = replace(current, state=new, **changes)
-            self._update(updated)
+            updated = self._transition(uuid, new, changes)
             self._insert_accounting(accounting(updated))
+        return updated
+
+    def _transition(self, uuid: str, new: LmState, changes: dict[str, Any]) -> LmRecord:
+        """:meth:`transition` inside a write transaction the caller holds."""
+        current = self.get(uuid)
+        if current is None:
+            raise StoreError(f"no LM with uuid {uuid}")
+        check_transition(current.state, new)
+        updated = replace(current, state=new, **changes)
+        self._update(updated)
         return updated
 
     def update(self, uuid: str, **changes: Any) -> LmRecord:
