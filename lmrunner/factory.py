@@ -95,7 +95,10 @@ class Factory:
         self.clock = clock
         self.rng = rng or random.Random()
         self.load_average = load_average
-        self.events: queue.Queue[str] = queue.Queue()
+        # SimpleQueue: its put is reentrant, so the SIGHUP/SIGTERM handlers (request_reload,
+        # request_stop) can wake the loop even when the signal lands inside a get() or put()
+        # of the main thread; queue.Queue's lock would deadlock the daemon there.
+        self.events: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.stopping_requested = threading.Event()
         self.reload_requested = threading.Event()
         self.state_dir = statedir.Watch(store, tuning.min_free_bytes, clock)
