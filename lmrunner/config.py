@@ -44,6 +44,8 @@ class MjfEnvStyle(StrEnum):
 
     PATH = "path"  # /etc/jobfeatures: works with `cat $JOBFEATURES/x` and Python's open()
     FILE_URL = "file_url"  # file:///etc/jobfeatures: works with urllib's urlopen() (DIRAC)
+    HTTP = "http"  # http://169.254.169.253/jobfeatures: Vac's VM metadata service (VMs only)
+    AUTO = "auto"  # http for VMs that have the metadata service, path for everything else
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +73,8 @@ class FactoryConfig:
         "Factories of the space queried through VacQuery ('.' = this host); must include this "
         "factory when given.",
         vac="factories",
+        unsupported="not supported yet: lmrunner queries no other factory (VacQuery), so target "
+        "shares count this factory's LMs only",
     )
     state_dir: Path = option(
         Path("/var/lib/lmrunner"),
@@ -163,7 +167,12 @@ class FactoryConfig:
         vac="shutdown_time",
     )
     udp_timeout_seconds: float = option(
-        10.0, "Total VacQuery wait budget.", unit="s", vac="udp_timeout_seconds", minimum=0.1
+        10.0,
+        "Total VacQuery wait budget.",
+        unit="s",
+        vac="udp_timeout_seconds",
+        minimum=0.1,
+        unsupported="not supported yet: lmrunner sends no VacQuery requests",
     )
     sc_user: str = option(
         "lmrunner-sc",
@@ -183,22 +192,61 @@ class FactoryConfig:
         vac="gocdb_sitename",
     )
     gocdb_cert_file: Path | None = option(
-        None, "Certificate for GOCDB updates.", vac="gocdb_cert_file"
+        None,
+        "Certificate for Vac's daily GOCDB capacity updates.",
+        vac="gocdb_cert_file",
+        unsupported="not supported by lmrunner: it sends no GOCDB updates",
     )
-    gocdb_key_file: Path | None = option(None, "Key for GOCDB updates.", vac="gocdb_key_file")
+    gocdb_key_file: Path | None = option(
+        None,
+        "Key for Vac's daily GOCDB capacity updates.",
+        vac="gocdb_key_file",
+        unsupported="not supported by lmrunner: it sends no GOCDB updates",
+    )
     vacmon_hostport: tuple[str, ...] = option(
         (),
-        "VacMon receivers (host:port) sent status messages.",
+        "VacMon receivers (host:port) Vac sent factory, machinetype and machine status to.",
         vac="vacmon_hostport",
         pattern=r"[A-Za-z0-9.-]+:[0-9]+",
         pattern_text="host:port",
+        unsupported="not supported by lmrunner: it sends no VacMon messages",
     )
     version_logger: int = option(
         0,
-        "factory_status messages per day to the GridPP version logger. Opt-in: Vac sent one a "
-        "day by default.",
+        "factory_status messages per day to the GridPP version logger (Vac sent one a day by "
+        "default).",
         vac="version_logger",
         minimum=0,
+        unsupported="not supported by lmrunner: it sends nothing to the GridPP version logger",
+    )
+    allow_http: bool = option(
+        False,
+        "Also fetch http:// images and user_data (no TLS: anyone on the path can change them; "
+        "pin images with image_digest). https:// always works.",
+    )
+    ca_path: Path | None = option(
+        None,
+        "CA certificates for https downloads (images, user_data, pipes): a PEM bundle or a "
+        "folder of hashed certificates (/etc/grid-security/certificates style).",
+        default_text="/etc/grid-security/certificates when it exists, else the system's CAs",
+    )
+    image_max_gb: float = option(
+        20.0,
+        "Largest remote image the download cache accepts.",
+        unit="GB (10^9 bytes)",
+        minimum=0.001,
+    )
+    image_cache_days: float = option(
+        7.0,
+        "Downloaded images no machinetype names any more are removed after this long unused.",
+        unit="days",
+        minimum=0,
+    )
+    download_timeout_seconds: float = option(
+        120.0,
+        "Connect and read timeout of image, user_data and pipe downloads (Vac: 120 s for images).",
+        unit="s",
+        minimum=1,
     )
     machinefeatures_options: Mapping[str, str] = option(
         {}, "Extra $MACHINEFEATURES/NAME files with these values.", vac="machinefeatures_option_*"
@@ -232,9 +280,16 @@ class MachinetypeConfig:
         "image, ISO or kernel (vm). Relative names are looked up in the machinetype's files/.",
         vac="root_image",
     )
+    image_digest: str | None = option(
+        None,
+        "sha256:HEX of a remote (https://) image: a download that does not match is never used.",
+        pattern=r"sha256:[0-9a-f]{64}",
+        pattern_text="sha256: and 64 lower-case hex digits",
+    )
     user_data: str | None = option(
         None,
-        "Template of the LM's user_data: a path or an https URL (relative: in files/).",
+        "Template of the LM's user_data: a path or an https URL (relative: in files/; http:// "
+        "with factory.allow_http).",
         vac="user_data",
     )
     container_command: str = option(
@@ -350,15 +405,21 @@ class MachinetypeConfig:
     root_device: str = option(
         "vda", "VM device name of the root disk.", vac="root_device", pattern=r"[a-z0-9]+",
         pattern_text="a device name of [a-z0-9]",
+        unsupported="not supported by lmrunner: a disk image is always the first virtio disk "
+        "(vda; /dev/disk/by-id/virtio-root)",
     )  # fmt: skip
     scratch_device: str = option(
         "vdb", "VM device name of the scratch disk.", vac="scratch_device", pattern=r"[a-z0-9]+",
         pattern_text="a device name of [a-z0-9]",
+        unsupported="not supported by lmrunner: the scratch disk is the next virtio disk (vdb "
+        "after a disk image, vda after an ISO or kernel; /dev/disk/by-id/virtio-scratch)",
     )  # fmt: skip
     image_signing_dn: str | None = option(
         None,
         "Regular expression the CernVM image signer's DN must match.",
         vac=("image_signing_dn", "cernvm_signing_dn"),
+        unsupported="not supported by lmrunner: it checks no CernVM image signature (pin a "
+        "remote image with image_digest)",
     )
     user_data_proxy: bool = option(
         False,
@@ -380,10 +441,12 @@ class MachinetypeConfig:
         default_text="<state_dir>/machinetypes/NAME/x509key.pem",
     )
     mjf_env_style: MjfEnvStyle = option(
-        MjfEnvStyle.PATH,
+        MjfEnvStyle.AUTO,
         "How $MACHINEFEATURES, $JOBFEATURES, $JOBOUTPUTS and their ##user_data_*_url## are "
-        "written: 'path' (/etc/jobfeatures: shell and open()) or 'file_url' "
-        "(file:///etc/jobfeatures: Python's urlopen(), as DIRAC reads MJF).",
+        "written: 'path' (/etc/jobfeatures: shell and open()), 'file_url' "
+        "(file:///etc/jobfeatures: Python's urlopen(), as DIRAC reads MJF), 'http' "
+        "(http://169.254.169.253/jobfeatures: Vac's VM metadata service, VMs on user "
+        "networking only) or 'auto' (http for those VMs, as Vac; path otherwise).",
     )
     user_data_options: Mapping[str, str] = option(
         {}, "Values for ##user_data_option_NAME## (override the factory's).",

@@ -31,6 +31,9 @@ class Placement:
     jobfeatures: PurePosixPath
     joboutputs: PurePosixPath
     cvmfs: PurePosixPath = PurePosixPath("/cvmfs")
+    #: Base URL of an HTTP metadata service serving the same folders (Vac's VMs:
+    #: http://169.254.169.253/machinefeatures, .../jobfeatures, PUT .../joboutputs/NAME).
+    mjf_url: str | None = None
 
 
 #: Vac's placement for Docker LMs (vac.md §4.5); VM guests (vcbusybox) mount their shares there too.

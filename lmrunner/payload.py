@@ -97,13 +97,19 @@ def mjf_locations(placement: Placement, style: MjfEnvStyle) -> dict[str, str]:
 
     ``path`` gives plain paths (shell ``cat $JOBFEATURES/x`` and Python ``open()`` work);
     ``file_url`` gives ``file://`` URLs (``urllib.request.urlopen()`` works, as DIRAC reads MJF,
-    but ``cat`` does not). The ``##user_data_*_url##`` values are the same strings.
+    but ``cat`` does not). ``http`` (and ``auto`` where the backend serves them, as Vac's VMs
+    had) gives the metadata service's URLs: ``urlopen()`` and ``curl`` work, ``cat`` does not.
+    The ``##user_data_*_url##`` values are the same strings.
     """
     paths = {
         "MACHINEFEATURES": placement.machinefeatures,
         "JOBFEATURES": placement.jobfeatures,
         "JOBOUTPUTS": placement.joboutputs,
     }
+    if style is MjfEnvStyle.HTTP or (style is MjfEnvStyle.AUTO and placement.mjf_url):
+        if not placement.mjf_url:
+            raise PayloadError(f"mjf_env_style {style}: this backend serves no metadata over HTTP")
+        return {key: f"{placement.mjf_url}/{path.name}" for key, path in paths.items()}
     if style is MjfEnvStyle.FILE_URL:
         return {key: f"file://{path}" for key, path in paths.items()}
     return {key: str(path) for key, path in paths.items()}

@@ -45,6 +45,10 @@ class OptionInfo:
     pattern: str | None = None  # a regex every string value (or list item) must match
     pattern_text: str = ""  # what the pattern means, for error messages
     default_text: str = ""  # how to show a computed default in the docs
+    #: Empty, or why the option is accepted but has no effect: one line starting "not
+    #: supported" ("not supported by lmrunner: ..." or "not supported yet: ..."). Setting such an
+    #: option to anything but its default earns a warning from `check` and `import-vac-conf`.
+    unsupported: str = ""
 
 
 def option(
@@ -58,8 +62,11 @@ def option(
     pattern: str | None = None,
     pattern_text: str = "",
     default_text: str = "",
+    unsupported: str = "",
 ) -> Any:
     """A dataclass field carrying an :class:`OptionInfo`."""
+    if unsupported and (not unsupported.startswith("not supported") or "\n" in unsupported):
+        raise ValueError(f"unsupported must be one line starting 'not supported': {unsupported!r}")
     info = OptionInfo(
         doc=doc,
         unit=unit,
@@ -69,6 +76,7 @@ def option(
         pattern=pattern,
         pattern_text=pattern_text,
         default_text=default_text,
+        unsupported=unsupported,
     )
     if isinstance(default, dict):
         return field(
@@ -356,6 +364,31 @@ def fields_of(cls: type[Any]) -> list[tuple[dataclasses.Field[Any], Any]]:
     """The documented fields of ``cls`` with their resolved type hints."""
     hints = typing.get_type_hints(cls)
     return [(f, hints[f.name]) for f in dataclasses.fields(cls) if "info" in f.metadata]
+
+
+def unsupported_values(obj: Any, path: str) -> list[tuple[str, str, str]]:
+    """(path, option, reason) of every option of ``obj`` marked unsupported that is set.
+
+    "Set" means holding anything but the option's default: a value equal to the default is what
+    lmrunner does anyway.
+
+    Args:
+        obj: an instance of a dataclass whose fields were made with :func:`option`.
+        path: the dotted name of ``obj`` in the configuration (``machinetypes.lhcb``).
+    """
+    out: list[tuple[str, str, str]] = []
+    for f, _hint in fields_of(type(obj)):
+        reason = info_of(f).unsupported
+        if reason and getattr(obj, f.name) != default_of(f):
+            out.append((path, f.name, reason))
+    return out
+
+
+def default_of(f: dataclasses.Field[Any]) -> Any:
+    """The default value of a field (a fresh one for a default factory)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 #: Used by callers that post-process fields: a function (value) -> error text or None.

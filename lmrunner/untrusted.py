@@ -11,7 +11,8 @@ size, and make them vanish between two calls. So here:
 - opens never block (``O_NONBLOCK``) and anything that is not a regular file (FIFO, socket,
   device, directory) is refused after ``fstat`` on the opened descriptor, not on the name;
 - every read is bounded;
-- writes only create a new file (``O_CREAT|O_EXCL``) and never replace what the payload put there;
+- lmrunner's writes only create a new file (``O_CREAT|O_EXCL``) and never replace what the
+  payload put there; a write the payload asks for (:func:`replace`) renames a new file over it;
 - folders are removed with :func:`shutil.rmtree`, whose fd-based walk never follows links.
 """
 
@@ -21,8 +22,8 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -37,6 +38,8 @@ _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _CREATE_FLAGS = _READ_FLAGS | os.O_WRONLY | os.O_CREAT | os.O_EXCL  # O_RDONLY is 0
 #: errno values that mean "a payload put something other than a plain file or folder here"
+#: Temporary files of :func:`replace` (a payload's own names must not collide with them).
+_TEMP_PREFIX = ".lmrunner-"
 _REFUSED = {errno.ELOOP, errno.ENOTDIR, errno.ENXIO, errno.EISDIR}
 
 
@@ -191,6 +194,48 @@ def create(root: Path, name: str | PurePosixPath, data: bytes, *, mode: int = 0o
             view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
+    return True
+
+
+def replace(
+    root: Path, name: str | PurePosixPath, chunks: Iterable[bytes], limit: int, *, mode: int = 0o644
+) -> bool:
+    """Write ``root/name`` atomically from ``chunks`` (at most ``limit`` bytes): a new file is
+    made beside it and renamed over the name, so whatever was there (a link included) is
+    replaced, never followed or written through. False when the name is a folder.
+
+    For writes a payload asks for (a VM's ``PUT $JOBOUTPUTS/NAME``); lmrunner's own writes use
+    :func:`create`.
+
+    Raises:
+        UntrustedFileError: a folder above it is not a plain folder, or more than ``limit`` bytes.
+        OSError: it cannot be written (e.g. the folder is gone or the disk is full).
+    """
+    parts = _parts(name)
+    if parts[-1].startswith(_TEMP_PREFIX):
+        raise UntrustedFileError(f"{name}: names starting {_TEMP_PREFIX} are lmrunner's")
+    with _parent(root, parts) as parent:
+        temp = f"{_TEMP_PREFIX}{os.urandom(8).hex()}"
+        fd = os.open(temp, _CREATE_FLAGS, mode, dir_fd=parent)
+        try:
+            written = 0
+            try:
+                for chunk in chunks:
+                    written += len(chunk)
+                    if written > limit:
+                        raise UntrustedFileError(f"{root / name}: more than {limit} bytes")
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.rename(temp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
+        except BaseException as err:
+            with suppress(OSError):
+                os.unlink(temp, dir_fd=parent)
+            if isinstance(err, OSError) and err.errno in (errno.EISDIR, errno.ENOTEMPTY):
+                return False
+            raise
     return True
 
 

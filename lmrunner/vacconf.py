@@ -2,7 +2,9 @@
 
 Every option is mapped through the schema's ``vac`` names (so deprecated spellings work too) and
 validated with the schema's own converter, so the YAML produced passes ``load_config``. What has
-no home in lmrunner is listed in :attr:`Conversion.dropped` with a reason, never silently lost.
+no home in lmrunner is listed in :attr:`Conversion.dropped` with a reason; what is carried over
+but behaves differently (an option lmrunner accepts without acting on it, Vac's ``0`` disk size,
+an ``http://`` URL) is listed in :attr:`Conversion.warnings`. Nothing is lost silently.
 """
 
 from __future__ import annotations
@@ -26,8 +28,14 @@ from lmrunner.config import (
     PipeConfig,
 )
 from lmrunner.errors import ConfigError
-from lmrunner.schema import Problems, convert, fields_of, info_of
-from lmrunner.vactables import VAC_MODELS, VAC_NOT_CARRIED, vac_names
+from lmrunner.schema import Problems, convert, default_of, fields_of, info_of
+from lmrunner.vactables import (
+    VAC_MACHINETYPE_NOT_CARRIED,
+    VAC_MODELS,
+    VAC_NOT_CARRIED,
+    VAC_OLD_NAMES,
+    vac_names,
+)
 from lmrunner.yamlsrc import Where, one_line, read_text
 
 VAC_DIR = "/var/lib/vac/machinetypes"
@@ -36,12 +44,14 @@ FAMILIES = {
     "user_data_file_": "user_data_files",
     "machinefeatures_option_": "machinefeatures_options",
 }
-# Shared with the reference documentation; version_logger is carried over only by choice.
-NO_HOME = {
-    **VAC_NOT_CARRIED,
-    "version_logger": "lmrunner's version logging is opt-in (default 0); set "
-    "factory.version_logger again if wanted",
+NO_HOME: Mapping[type[Any], Mapping[str, str]] = {
+    FactoryConfig: VAC_NOT_CARRIED,
+    MachinetypeConfig: {**VAC_NOT_CARRIED, **VAC_MACHINETYPE_NOT_CARRIED},
+    PipeConfig: VAC_NOT_CARRIED,
 }
+HTTP = "fetched without TLS (as Vac did), so anyone on the path can change what LMs run"
+#: Vac's older true/false values of version_logger (messages per day).
+VAC_VERSION_LOGGER = {"true": "1", "false": "0"}
 REJECTED_SECTIONS = {
     "factories": "section rejected by Vac too (use [settings] factories)",
     "targetshares": "section rejected by Vac too (use machinetype target_share)",
@@ -59,6 +69,8 @@ class Conversion:
 
     yaml_text: str  # lmrunner YAML, with a header comment naming the source files
     dropped: tuple[str, ...]  # "FILE: [section] option: reason", one per option not carried over
+    #: "FILE: [section] option: what changed", one per option carried over with a difference
+    warnings: tuple[str, ...] = ()
 
 
 def default_vac_files(etc: Path = Path("/etc")) -> list[Path]:
@@ -94,7 +106,7 @@ def convert_vac_conf(files: Sequence[Path]) -> Conversion:
     if "vac_space" not in settings:
         names = one_line(", ".join(map(str, files)))
         raise ConfigError(f"{names}: [settings] vac_space: required by Vac")
-    factory = _options(FactoryConfig, settings, "", run)
+    factory = _options(FactoryConfig, settings, "", run, ("factory",))
     factory["state_dir"] = "/var/lib/lmrunner"
     run.notes[("factory", "state_dir")] = ["lmrunner does not share Vac's /var/lib/vac"]
     # A relative [settings] user_data_file_X was looked up per machinetype: give each its own.
@@ -121,8 +133,15 @@ def convert_vac_conf(files: Sequence[Path]) -> Conversion:
     if run.problems:
         problems = tuple(one_line(line) for line in run.problems.lines)  # names as written
         raise ConfigError("\n".join(problems), errors=problems)
+    if run.plain_http:
+        factory["allow_http"] = True
+        run.notes[("factory", "allow_http")] = [
+            "Vac fetched these http:// URLs; lmrunner needs allow_http for them:",
+            *(f"  {option}" for option in run.plain_http),
+        ]
     # Option and section names as written; a line break would also end a YAML comment below.
     run.dropped = [one_line(line) for line in run.dropped]
+    run.warnings = [one_line(line) for line in run.warnings]
     data = {
         "factory": _ordered(FactoryConfig, factory),
         "machinetypes": machinetypes,
@@ -131,8 +150,10 @@ def convert_vac_conf(files: Sequence[Path]) -> Conversion:
     header = ["lmrunner configuration converted from Vac's (later files override earlier):"]
     header += [f"  {one_line(str(f))}" for f in files]
     header += ["Not carried over:", *(f"  {line}" for line in run.dropped)] if run.dropped else []
-    lines = [f"# {line}".rstrip() for line in header] + _emit(data, run.notes, (), 0)
-    return Conversion("\n".join(lines) + "\n", tuple(run.dropped))
+    header += ["Warnings:", *(f"  {line}" for line in run.warnings)] if run.warnings else []
+    notes = {k: [one_line(n) for n in v] for k, v in run.notes.items()}
+    lines = [f"# {line}".rstrip() for line in header] + _emit(data, notes, (), 0)
+    return Conversion("\n".join(lines) + "\n", tuple(run.dropped), tuple(run.warnings))
 
 
 @dataclass
@@ -141,7 +162,9 @@ class _Run:
 
     problems: Problems = field(default_factory=Problems)
     dropped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     notes: dict[tuple[str, ...], list[str]] = field(default_factory=dict)  # YAML comments
+    plain_http: list[str] = field(default_factory=list)  # "[section] option" with an http:// URL
 
 
 def _pipe(
@@ -156,13 +179,21 @@ def _pipe(
         run.problems.lines.append(f"{where}: expected an http(s) URL")
     elif url[0].startswith("http://"):
         pipe["allow_http"] = True
-        run.notes[("vacuum_pipes", name, "allow_http")] = ["Vac accepted a plain http pipe"]
+        run.notes[("vacuum_pipes", name, "allow_http")] = [f"a plain http pipe: {HTTP}"]
+        run.warnings.append(
+            f"{url[1]}: [{url[2]}] vacuum_pipe_url: http:// URL kept with "
+            f"vacuum_pipes.{name}.allow_http: true; {HTTP}"
+        )
     if share is not None:
-        pipe.update(_options(PipeConfig, {"target_share": share}, name, run))
-    overrides = _options(MachinetypeConfig, options, name, run)
+        pipe.update(
+            _options(PipeConfig, {"target_share": share}, name, run, ("vacuum_pipes", name))
+        )
+    old_proxy = _pop_old_proxy(options)
+    overrides = _options(MachinetypeConfig, options, name, run, ("vacuum_pipes", name, "overrides"))
     _merge_files(overrides, relative, name)
     # Vac kept the pipe's proxy certificate there; the pipe's JSON may turn proxies on.
     overrides.update(_x509(name))
+    _old_proxy(old_proxy, overrides, name, False, run)
     # Files the pipe's JSON names by relative name stay where Vac had them.
     overrides["files_dir"] = f"{VAC_DIR}/{name}/files"
     pipe["overrides"] = _ordered(MachinetypeConfig, overrides)
@@ -178,9 +209,12 @@ def _machinetype(
     run: _Run,
 ) -> dict[str, Any] | None:
     """A ``[machinetype NAME]``; ``owner`` is the pipe whose type it overrides, if any."""
-    mt = _options(MachinetypeConfig, options, owner or name, run)
+    old_proxy = _pop_old_proxy(options)
+    mt = _options(MachinetypeConfig, options, owner or name, run, ("machinetypes", name))
     if mt.get("user_data_proxy"):
         mt.update(_x509(owner or name))
+    # Pipes came with Vac 03, which ignored the old names: a pipe's type keeps x509cert.pem.
+    _old_proxy(old_proxy, mt, owner or name, owner is None and not mt.get("user_data_proxy"), run)
     if pipe_overrides is not None:
         # Option families merge name by name with the pipe's (lmrunner.pipes, as in Vac).
         # No default backend: the pipe's JSON decides.
@@ -194,6 +228,42 @@ def _machinetype(
         run.notes[("machinetypes", name, "backend")] = ["no machine_model: Vac's default cernvm3"]
     _merge_files(mt, relative, name)
     return _ordered(MachinetypeConfig, mt)
+
+
+def _pop_old_proxy(options: dict[str, _Opt]) -> dict[str, _Opt]:
+    """Remove (and return) Vac's pre-03 user_data_proxy_cert / user_data_proxy_key."""
+    old = VAC_OLD_NAMES[MachinetypeConfig]
+    return {option: options.pop(option) for option in sorted(old) if option in options}
+
+
+def _old_proxy(
+    given: Mapping[str, _Opt], mt: dict[str, Any], owner: str, keep: bool, run: _Run
+) -> None:
+    """Carry Vac's pre-03 proxy certificate and key over as x509_cert / x509_key (``keep``),
+    or report them dropped: Vac 03 ignored them and used the machinetype's x509cert.pem and
+    x509key.pem with user_data_proxy, which the conversion keeps."""
+    hints = {f.name: (f, h) for f, h in fields_of(MachinetypeConfig)}
+    for option, (value, file, header) in given.items():
+        target = VAC_OLD_NAMES[MachinetypeConfig][option]
+        if not keep:
+            run.dropped.append(
+                f"{file}: [{header}] {option}: ignored by Vac 03, which made the proxy from "
+                f"x509cert.pem and x509key.pem in {VAC_DIR}/{owner} (as this conversion does)"
+            )
+            continue
+        # Old Vac looked a relative name up in the machinetype's folder (not in files/).
+        path = value if value.startswith("/") or not value else f"{VAC_DIR}/{owner}/{value}"
+        fld, hint = hints[target]
+        before = len(run.problems.lines)
+        result = convert(
+            path, hint, info_of(fld), Where(file), f"[{header}] {option}", run.problems
+        )
+        if len(run.problems.lines) == before:
+            mt[target] = _plain(result)
+            run.warnings.append(
+                f"{file}: [{header}] {option}: old Vac name, carried over as {target}; Vac 03 "
+                "ignored it, and lmrunner uses it only with user_data_proxy: true"
+            )
 
 
 def _read(files: Sequence[Path]) -> _Sections:
@@ -223,54 +293,91 @@ def _read(files: Sequence[Path]) -> _Sections:
     return sections
 
 
-def _options(cls: type[Any], raw: dict[str, _Opt], owner: str, run: _Run) -> dict[str, Any]:
-    """Vac options of one section as lmrunner values of ``cls`` (one dict per family)."""
-    names = vac_names(cls)
+def _options(
+    cls: type[Any], raw: dict[str, _Opt], owner: str, run: _Run, at: tuple[str, ...]
+) -> dict[str, Any]:
+    """Vac options of one section as lmrunner values of ``cls`` (one dict per family).
+
+    ``at`` is where the values go in the YAML (``("machinetypes", "lhcb")``), for comments.
+    """
+    old_names = VAC_OLD_NAMES.get(cls, {})
+    names = {**vac_names(cls), **old_names}
     priority = {vac: i for f, _h in fields_of(cls) for i, vac in enumerate(info_of(f).vac)}
     hints = {f.name: (f, h) for f, h in fields_of(cls)}
+    priority |= {old: len(info_of(hints[target][0]).vac) for old, target in old_names.items()}
+    no_home = NO_HOME.get(cls, VAC_NOT_CARRIED)
     out: dict[str, Any] = {}
-    problems, dropped = run.problems, run.dropped
+    problems, dropped, warnings = run.problems, run.dropped, run.warnings
     chosen: dict[str, str] = {}
     # Vac looked up the current name first, then its deprecated spellings, whatever the file.
     for option in sorted(raw, key=lambda o: priority.get(o, 0)):
         value, file, header = raw[option]
+        label = f"[{header}] {option}"
+        where = f"{file}: {label}"
         family = next((p for p in FAMILIES if option.startswith(p)), None)
         target = names.get(f"{family}*") if family else names.get(option)
-        if option in NO_HOME or target is None:
-            dropped.append(f"{file}: [{header}] {option}: {NO_HOME.get(option, UNKNOWN)}")
+        if option in no_home or target is None:
+            dropped.append(f"{where}: {no_home.get(option, UNKNOWN)}")
             continue
         if family is None and target in chosen:
-            dropped.append(f"{file}: [{header}] {option}: overridden by {chosen[target]}")
+            dropped.append(f"{where}: overridden by {chosen[target]}")
             continue
         chosen[target] = option
         fld, hint = hints[target]
-        if target == "user_data" and value.startswith("http://"):
-            dropped.append(f"{file}: [{header}] {option}: lmrunner fetches it over https only")
-            continue
+        info = info_of(fld)
+        if target in ("image", "user_data") and value.startswith("http://"):
+            run.plain_http.append(f"[{header}] {option}")
+            warnings.append(f"{where}: http:// URL kept with factory.allow_http: true; {HTTP}")
         if target in ("image", "user_data") or family == "user_data_file_":
             value = _vac_file(value, owner)
         if target == "backend":
             if value not in VAC_MODELS:
                 models = ", ".join(VAC_MODELS)
-                problems.lines.append(f"{file}: [{header}] {option}: expected one of {models}")
+                problems.lines.append(f"{where}: expected one of {models}")
                 continue
             value = VAC_MODELS[value].value
+        if target == "version_logger":
+            number = VAC_VERSION_LOGGER.get(value.strip().lower(), value.strip())
+            if not number.isascii() or not number.isdigit():
+                dropped.append(f"{where}: not an integer, which Vac took as 0 (the default here)")
+                continue
+            value = number
         if family is not None:
             key = option.removeprefix(family)
             if family == "machinefeatures_option_" and key in STANDARD_MACHINEFEATURES:
-                dropped.append(f"{file}: [{header}] {option}: lmrunner writes this key itself")
+                dropped.append(f"{where}: lmrunner writes this key itself")
                 continue
             before = len(problems.lines)
-            where = f"[{header}] {option}"
-            convert({key: value}, Mapping[str, str], info_of(fld), Where(file), where, problems)
+            convert({key: value}, Mapping[str, str], info, Where(file), label, problems)
             if len(problems.lines) == before:
                 out.setdefault(target, {})[key] = value
             continue
         before = len(problems.lines)
-        result = convert(value, hint, info_of(fld), Where(file), f"[{header}] {option}", problems)
-        if len(problems.lines) == before:
-            out[target] = _plain(result)
+        result = convert(value, hint, info, Where(file), label, problems)
+        if len(problems.lines) > before:
+            continue
+        if target == "disk_gb_per_processor" and result == 0:
+            warnings.append(f"{where}: {_zero_disk(cls, fld)}")
+            continue
+        if info.unsupported and result != default_of(fld):
+            warnings.append(f"{where}: {info.unsupported}")
+            run.notes[(*at, target)] = [info.unsupported]
+        if option in old_names:
+            warnings.append(f"{where}: old Vac name, carried over as {target}")
+        out[target] = _plain(result)
     return out
+
+
+def _zero_disk(cls: type[Any], fld: dataclasses.Field[Any]) -> str:
+    """Why Vac's disk_gb_per_processor = 0 is left unset (vac.md 4.4)."""
+    if cls is FactoryConfig:
+        then = f"lmrunner's default ({default_of(fld):g} GB per processor) applies"
+    else:
+        then = "the factory's disk_gb_per_processor applies"
+    return (
+        "0 meant the default size in Vac (a share of the volume group, or 40 GB per processor "
+        f"for a VM's disk file), not no disk; left unset: {then}"
+    )
 
 
 def _plain(value: Any) -> Any:

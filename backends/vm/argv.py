@@ -8,6 +8,7 @@ from pathlib import Path
 from lmrunner.backends.base import MachineSpec
 from lmrunner.backends.vm.accel import TCG_TB_MIB, Accel
 from lmrunner.backends.vm.drive import VOLUME_LABEL
+from lmrunner.backends.vm.metadata import METADATA_ADDRESS, MJF_ADDRESS
 from lmrunner.backends.vm.names import (
     CONSOLE_LOG,
     DRIVE,
@@ -18,6 +19,10 @@ from lmrunner.backends.vm.names import (
 )
 from lmrunner.backends.vm.plan import ImageKind, Plan
 from lmrunner.model import MIB
+
+#: The guest's network under user networking: Vac's link-local one (vac.md §4.1).
+USER_NETWORK = "169.254.0.0/16"
+METADATA_ADDRESSES = (METADATA_ADDRESS, MJF_ADDRESS)
 
 
 def _opt(value: object) -> str:
@@ -42,6 +47,9 @@ class Launch:
     runas: str | None  # account QEMU drops to after opening everything (None: stays)
     scratch: bool  # a scratch disk was made
     kernel: Path | None = None  # the kernel to boot instead of the image (kernel.cached)
+    #: argv QEMU runs per guest connection to the metadata addresses (user networking only);
+    #: None: no metadata service. slirp splits it at spaces: no element may hold one.
+    metadata: tuple[str, ...] | None = None
 
 
 def qemu_argv(spec: MachineSpec, boot: Plan, launch: Launch) -> list[str]:
@@ -102,7 +110,13 @@ def qemu_argv(spec: MachineSpec, boot: Plan, launch: Launch) -> list[str]:
             "-device", f"virtio-9p-pci,fsdev=fs{index},mount_tag={tag}",
         ]  # fmt: skip
     if boot.bridge is None:
-        netdev = f"user,id=net0,hostname={_opt(spec.name)}"
+        # Vac's link-local network, so its metadata addresses lie inside it (slirp forwards only
+        # addresses of its own network); each connection starts the LM's own handler.
+        netdev = f"user,id=net0,hostname={_opt(spec.name)},net={USER_NETWORK}"
+        if launch.metadata is not None:
+            handler = _opt(" ".join(launch.metadata))
+            for address in METADATA_ADDRESSES:
+                netdev += f",guestfwd=tcp:{address}:80-cmd:{handler}"
     else:  # qemu-bridge-helper (run by QEMU while still root) adds the tap to the bridge
         netdev = f"bridge,id=net0,br={_opt(boot.bridge)}"
     # No PXE option ROM (romfile=): the firmware would run it on every boot, ~1 s under TCG.
@@ -110,10 +124,12 @@ def qemu_argv(spec: MachineSpec, boot: Plan, launch: Launch) -> list[str]:
         "-netdev", netdev,
         "-device", f"virtio-net-pci,netdev=net0,mac={mac_address(spec.uuid)},romfile=",
     ]  # fmt: skip
-    # seccomp: no obsolete calls, no new processes (the bridge helper is one), no scheduler or
-    # resource changes. Privilege calls stay allowed: -runas itself needs setuid.
+    # seccomp: no obsolete calls, no new processes (the bridge helper and the metadata handler
+    # are ones), no scheduler or resource changes. Privilege calls stay allowed: -runas itself
+    # needs setuid.
     sandbox = "on,obsolete=deny,resourcecontrol=deny"
-    argv += ["-sandbox", sandbox + (",spawn=deny" if boot.bridge is None else "")]
+    spawns = boot.bridge is not None or launch.metadata is not None
+    argv += ["-sandbox", sandbox + ("" if spawns else ",spawn=deny")]
     if launch.runas is not None:
         if launch.qemu_version >= (9, 1):  # -runas is deprecated there
             argv += ["-run-with", f"user={_opt(launch.runas)}"]

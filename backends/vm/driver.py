@@ -38,7 +38,7 @@ from lmrunner.backends.base import (
     Probe,
     Status,
 )
-from lmrunner.backends.vm import drive
+from lmrunner.backends.vm import drive, metadata
 from lmrunner.backends.vm.accel import (
     DEFAULT_PROBE_TIMEOUT,
     Accel,
@@ -202,7 +202,9 @@ class VmBackend:
             kernel = self._direct_kernel(boot, accel, _version_tuple(version))
             if kernel is not None:
                 record["boot"] = BOOT_UNPACKED
-            launch = Launch(qemu, _version_tuple(version), accel, vm_dir, runas, scratch, kernel)
+            handler = self._metadata(spec, boot)
+            launch = Launch(qemu, _version_tuple(version), accel, vm_dir, runas, scratch, kernel,
+                            handler)  # fmt: skip
             argv = qemu_argv(spec, boot, launch)
             with self._lock:
                 self._children.add(spec.uuid)
@@ -433,6 +435,43 @@ class VmBackend:
         except KeyError as err:
             raise SpecError(f"vm: uid {uid} (the LM's owner) has no account name") from err
 
+    def _metadata(self, spec: MachineSpec, boot: Plan) -> tuple[str, ...] | None:
+        """Write what the LM's metadata service tells about it; the handler's argv (None under
+        bridge networking, which has no metadata service)."""
+        if boot.bridge is not None:
+            return None
+        facts = metadata.describe(
+            uuid=spec.uuid,
+            hostname=spec.name,
+            machinetype=spec.machinetype,
+            availability_zone=self._availability_zone(),
+            public_key=self._public_key(),
+        )
+        atomic.write_text(spec.directory / metadata.METADATA_FILE, json.dumps(facts),
+                          mode=0o644, durable=False)  # fmt: skip
+        if not metadata.reachable(spec.directory, spec.owner):
+            why = f"uid {spec.owner[0]} (QEMU's and its metadata service's) cannot reach"
+            raise SpecError(f"vm: {why} {spec.directory}: make the folders above it traversable")
+        argv = metadata.command(spec.directory, spec.owner)
+        if argv is None:
+            tried = "this one, /usr/bin/python3, /usr/local/bin/python3"
+            why = f"no Python that uid {spec.owner[0]} may run for the metadata service"
+            raise SpecError(f"vm: {why} (tried {tried})")
+        if any(not part or any(c.isspace() for c in part) for part in argv):
+            # slirp splits the command at spaces and has no quoting
+            raise SpecError(f"vm: the metadata handler's command has a blank in it: {argv}")
+        return argv
+
+    def _availability_zone(self) -> str:
+        return self.factory.hostname or socket.getfqdn()
+
+    def _public_key(self) -> str | None:
+        key = self.factory.root_public_key
+        if key is not None:
+            with contextlib.suppress(OSError):
+                return key.read_text().strip() or None
+        return None
+
     def _drive(self, spec: MachineSpec, boot: Plan, output: Path) -> None:
         env = spec.env
         meta = {
@@ -442,18 +481,13 @@ class VmBackend:
             "joboutputs": env.get("JOBOUTPUTS", str(PLACEMENT.joboutputs)),
             "mount_tags": " ".join(tag for tag, _, _ in boot.shares),
         }
-        key = self.factory.root_public_key
-        public_key = None
-        if key is not None:
-            with contextlib.suppress(OSError):
-                public_key = key.read_text().strip() or None
         data = drive.DriveData(
             uuid=spec.uuid,
             hostname=spec.name,
             user_data=boot.user_data.read_bytes() if boot.user_data else b"",
-            availability_zone=self.factory.hostname or socket.getfqdn(),
+            availability_zone=self._availability_zone(),
             meta=meta,
-            public_key=public_key,
+            public_key=self._public_key(),
         )
         drive.build(data, output)
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
 from lmrunner.backends.base import MachineSpec
+from lmrunner.backends.vm.metadata import MJF_URL
 from lmrunner.config import MachinetypeConfig, resolve_local
 from lmrunner.errors import SpecError
 from lmrunner.model import ETC_PLACEMENT, MIB
@@ -21,8 +22,9 @@ from lmrunner.model import ETC_PLACEMENT, MIB
 LOG = logging.getLogger("lmrunner.backends.vm")  # one logger for the whole backend
 
 #: In the guest: the 9p shares are mounted where Docker LMs have them (images/vcbusybox/README.md);
-#: user_data arrives on the config drive and is copied to /user_data.
-PLACEMENT = ETC_PLACEMENT
+#: user_data arrives on the config drive and is copied to /user_data. With user networking the
+#: same folders are served over HTTP as Vac served them (``metadata.py``).
+PLACEMENT = replace(ETC_PLACEMENT, mjf_url=MJF_URL)
 #: The 9p mount tag of each shared folder, by its place in the guest. Guests mount by tag
 #: (``mount -t 9p -o trans=virtio,version=9p2000.L TAG DIR``); vcbusybox's init knows these.
 MOUNT_TAGS: Mapping[PurePosixPath, str] = {
@@ -118,6 +120,11 @@ def plan(spec: MachineSpec) -> Plan:
             shares.append((MOUNT_TAGS[mount.target], mount.source, mount.read_only))
         else:  # tmp_binds: containers only (Vac's VMs had none); the scratch disk serves VMs
             LOG.info("%s: %s is not shared with VMs (tmp_binds are for containers)", where, mount)
+    if options.vm_bridge is not None and MJF_URL in spec.env.get("JOBOUTPUTS", ""):
+        raise SpecError(
+            f"{where}: vm_network bridge:{options.vm_bridge} has no metadata service (it needs "
+            "user networking): set mjf_env_style to path or file_url"
+        )
     append = options.vm_kernel_append or DEFAULT_APPEND
     return Plan(kind, image, initrd, append, disk_format, options.vm_bridge, tuple(shares),
                 user_data)  # fmt: skip

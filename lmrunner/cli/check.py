@@ -4,13 +4,61 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lmrunner.cli.common import common_options, load, pipe_summary
 from lmrunner.config import Config, as_dict
-from lmrunner.yamlsrc import one_line
+from lmrunner.errors import LmrunnerError
+from lmrunner.vactables import unsupported_options
+from lmrunner.yamlsrc import Located, load_yaml, one_line
+
+
+def unsupported_lines(config: Config) -> list[str]:
+    """One line per option ``config`` sets that lmrunner accepts without acting on it.
+
+    Each names where the option was set (file and line; the pipe for a pipe's type that got it
+    from the pipe), its key and why it has no effect: ``FILE:LINE: factory.vacmon_hostport:
+    not supported by lmrunner: ...``.
+    """
+    documents = _documents(config.files)
+    lines = []
+    for path, option, reason in unsupported_options(config):
+        where = _where_set(documents, [*path.split("."), option])
+        if where is None:  # a pipe's type, or a file changed since it was loaded
+            kind, _, name = path.partition(".")
+            pipe = config.machinetypes[name].pipe if kind == "machinetypes" else None
+            where = f"vacuum pipe {pipe}" if pipe else ", ".join(map(str, config.files))
+        lines.append(one_line(f"{where}: {path}.{option}: {reason}"))
+    return lines
+
+
+def _documents(files: Sequence[Path]) -> list[Located]:
+    """The configuration files as loaded (they were valid a moment ago; a changed one is left
+    out: the line then names no file)."""
+    out = []
+    for file in files:
+        try:
+            data = load_yaml(file)
+        except LmrunnerError:
+            continue
+        if isinstance(data, Located):
+            out.append(data)
+    return out
+
+
+def _where_set(documents: Sequence[Located], keys: Sequence[str]) -> str | None:
+    """File and line of the last file that sets ``keys`` (a later file wins, as in loading)."""
+    for data in reversed(documents):
+        node: Any = data
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, Located) else None
+        if isinstance(node, Located) and keys[-1] in node:
+            return str(node.where_of(keys[-1]))
+    return None
 
 
 def host_report(config: Config) -> list[str]:
@@ -38,7 +86,8 @@ def add_parser(sub: Any) -> None:
         parents=[common_options()],
         help="validate the configuration and print the effective configuration",
         description="Validate the configuration (every error on its own line, naming file, "
-        "line and key) and print the effective configuration, Vacuum Pipes expanded, as YAML.",
+        "line and key) and print the effective configuration, Vacuum Pipes expanded, as YAML. "
+        "Warns (on stderr) about every option set that lmrunner accepts but does not act on.",
     )
     parser.add_argument(
         "--refresh-pipes", action="store_true", help="fetch every Vacuum Pipe first"
@@ -62,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     config = load(args, refresh_pipes=args.refresh_pipes, check_files=not args.skip_file_checks)
     for warning in config.warnings:
         print(f"lmrunner: warning: {warning}", file=sys.stderr)
+    for line in unsupported_lines(config):  # accepted for Vac's sake: say it does nothing
+        print(f"lmrunner: warning: {line}", file=sys.stderr)
     for mt in config.machinetypes.values():
         if mt.capabilities:  # widening what a payload may do deserves a second look
             added = ", ".join(mt.capabilities)

@@ -11,7 +11,7 @@ from typing import Any
 
 from lmrunner.config import FactoryConfig, MachinetypeConfig, PipeConfig
 from lmrunner.schema import default_text, fields_of, info_of, type_text
-from lmrunner.vactables import VAC_NOT_CARRIED
+from lmrunner.vactables import VAC_MACHINETYPE_NOT_CARRIED, VAC_NOT_CARRIED, VAC_OLD_NAMES
 
 INTRO = """\
 # lmrunner configuration reference
@@ -24,7 +24,9 @@ It is validated once into frozen objects: unknown keys are errors, every error i
 the file, the line, the key and what was expected, and loading never half-applies.
 `lmrunner check` validates and prints the effective configuration; `lmrunner import-vac-conf`
 converts a Vac site. The "Vac" column gives Vac's name for the option, then its deprecated
-spellings; the importer maps all of them.
+spellings; the importer maps all of them. Options marked **not supported** are accepted, so that
+a converted Vac site loads, but have no effect; `lmrunner check` and `lmrunner import-vac-conf`
+warn about each one that is set.
 """
 
 SECTIONS = (
@@ -48,17 +50,37 @@ def render() -> str:
         out.append(f"\n## `{key}`: {title}\n")
         out.append("| option | type | default | unit | Vac | meaning |")
         out.append("|---|---|---|---|---|---|")
+        old = VAC_OLD_NAMES.get(cls, {})
         for f, hint in fields_of(cls):
             info = info_of(f)
-            vac = ", ".join(f"`{name}`" for name in info.vac) or "(new)"
-            doc = info.doc.replace("|", "\\|")
+            names = [*info.vac, *(name for name, target in old.items() if target == f.name)]
+            vac = ", ".join(f"`{name}`" for name in names) or "(new)"
+            doc = info.doc
+            if info.unsupported:
+                doc += f" **{info.unsupported[0].upper()}{info.unsupported[1:]}.**"
+            doc = doc.replace("|", "\\|")
             cells = [f"`{f.name}`", type_text(hint), default_text(f), info.unit, vac, doc]
             out.append("| " + " | ".join(cells) + " |")
+    out.append("\n## Vac options accepted but not supported\n")
+    out.append(
+        "Set to anything but its default, each earns a warning from `lmrunner check` and "
+        "`lmrunner import-vac-conf`.\n"
+    )
+    out.append("| option | Vac | why |")
+    out.append("|---|---|---|")
+    for key, _title, cls in SECTIONS:
+        for f, _hint in fields_of(cls):
+            info = info_of(f)
+            if info.unsupported:
+                vac = ", ".join(f"`{name}`" for name in info.vac)
+                out.append(f"| `{key}.{f.name}` | {vac} | {info.unsupported} |")
     out.append("\n## Vac options not carried over\n")
     out.append("| Vac option | why |")
     out.append("|---|---|")
     for name, why in VAC_NOT_CARRIED.items():
         out.append(f"| `{name}` | {why} |")
+    for name, why in VAC_MACHINETYPE_NOT_CARRIED.items():
+        out.append(f"| `{name}` in a machinetype section | {why} |")
     return "\n".join(out) + "\n"
 
 

@@ -16,7 +16,9 @@ def add_parser(sub: Any) -> None:
         help="convert Vac's vac.conf (and vac.d) to lmrunner YAML on stdout",
         description="Convert Vac's INI configuration, deprecated names and [vacuum_pipe] "
         "sections included, to lmrunner YAML on stdout. Every option that cannot be carried "
-        "over is listed on stderr with the reason. The output passes `lmrunner check`.",
+        "over is listed on stderr with the reason, and so is every one carried over with a "
+        "difference (an option lmrunner does not act on, Vac's disk size 0, an http:// URL). "
+        "The output passes `lmrunner check`.",
     )
     parser.add_argument(
         "files",
@@ -40,4 +42,6 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write(result.yaml_text)
     for line in result.dropped:
         print(f"lmrunner: not carried over: {line}", file=sys.stderr)
+    for line in result.warnings:
+        print(f"lmrunner: warning: {line}", file=sys.stderr)
     return 0

@@ -330,7 +330,7 @@ def ini_documents(draw: st.DrawFn) -> str:
 def check_conversion(tmp_path: Path, conversion: Conversion | None) -> None:
     if conversion is None:
         return
-    assert all(line.isprintable() for line in conversion.dropped)
+    assert all(line.isprintable() for line in (*conversion.dropped, *conversion.warnings))
     path = tmp_path / "converted.yaml"
     path.write_text(conversion.yaml_text)
     assert isinstance(yaml.safe_load(conversion.yaml_text), dict)

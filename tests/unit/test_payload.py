@@ -51,6 +51,19 @@ LOCATIONS = {
     "apptainer": ("/tmp/machinefeatures", "/tmp/jobfeatures", "/tmp/joboutputs"),
     "vm": ("/etc/machinefeatures", "/etc/jobfeatures", "/var/spool/joboutputs"),
 }
+#: Vac's VM metadata service (vac.md §4.5): VMs serve MJF over HTTP, containers do not.
+HTTP_LOCATIONS = tuple(f"http://169.254.169.253/{n}" for n in ("machinefeatures", "jobfeatures",
+                                                               "joboutputs"))  # fmt: skip
+
+
+def expected_locations(backend: str, style: MjfEnvStyle) -> tuple[str, ...] | None:
+    """What $MACHINEFEATURES, $JOBFEATURES and $JOBOUTPUTS are; None when the style cannot be."""
+    if style is MjfEnvStyle.HTTP or (style is MjfEnvStyle.AUTO and backend == "vm"):
+        return HTTP_LOCATIONS if backend == "vm" else None
+    prefix = "file://" if style is MjfEnvStyle.FILE_URL else ""
+    return tuple(prefix + p for p in LOCATIONS[backend])
+
+
 #: Every fixed pattern of vac.md §5.2 (the option/file families are tested separately).
 FIXED_PATTERNS = (
     "url",
@@ -200,6 +213,12 @@ def test_every_fixed_pattern(tmp_path: Path, backend: str, style: MjfEnvStyle) -
         {"backend": backend, "image": "vo.img", "mjf_env_style": style.value},
     )
     lm = identity()
+    locations = expected_locations(backend, style)
+    if locations is None:
+        with pytest.raises(PayloadError, match="serves no metadata over HTTP"):
+            template_values(config, config.machinetypes["vo"], lm, PLACEMENTS[backend],
+                            user_data_url=None, proxy_pem=None)  # fmt: skip
+        return
     values = template_values(
         config,
         config.machinetypes["vo"],
@@ -208,8 +227,7 @@ def test_every_fixed_pattern(tmp_path: Path, backend: str, style: MjfEnvStyle) -
         user_data_url=None,
         proxy_pem=None,
     )
-    prefix = "file://" if style is MjfEnvStyle.FILE_URL else ""
-    machinefeatures, jobfeatures, joboutputs = (prefix + p for p in LOCATIONS[backend])
+    machinefeatures, jobfeatures, joboutputs = locations
     expected = {
         "url": "",  # a file, not fetched
         "space": SPACE,
@@ -650,6 +668,11 @@ def test_prepare_layout_mounts_and_env(tmp_path: Path, backend: str, style: MjfE
         check_files=True,
     )
     lm = identity()
+    locations = expected_locations(backend, style)
+    if locations is None:
+        with pytest.raises(PayloadError, match="serves no metadata over HTTP"):
+            run_prepare(config, lm, processors=3)
+        return
     lm_dir, prepared = run_prepare(config, lm, processors=3)
     assert sorted(p.name for p in lm_dir.iterdir()) == [
         "jobfeatures",
@@ -692,12 +715,8 @@ def test_prepare_layout_mounts_and_env(tmp_path: Path, backend: str, style: MjfE
         Mount(lm_dir / "jobfeatures", PurePosixPath(jf), read_only=True),
         Mount(joboutputs, PurePosixPath(jo), read_only=False),
     )
-    prefix = "file://" if style is MjfEnvStyle.FILE_URL else ""
-    assert prepared.env == {
-        "MACHINEFEATURES": prefix + mf,
-        "JOBFEATURES": prefix + jf,
-        "JOBOUTPUTS": prefix + jo,
-    }
+    assert prepared.env == dict(zip(("MACHINEFEATURES", "JOBFEATURES", "JOBOUTPUTS"), locations,
+                                    strict=True))  # fmt: skip
     assert prepared.limits == limits_for(config, mt, 3)
     assert prepared.shutdown_time == SHUTDOWN
 

@@ -516,7 +516,7 @@ def test_keys_not_accepted_from_pipes_are_ignored(
     assert (mt.name, mt.pipe, mt.backend) == ("vo-prod", "vo", BackendName.DOCKER)
     assert mt.image == PROD["root_image"]
     assert (mt.files_dir, mt.x509_cert) == (None, None)
-    assert (mt.mjf_env_style, mt.stop_grace_seconds, mt.machines_dir_days) == ("path", 60, 3.0)
+    assert (mt.mjf_env_style, mt.stop_grace_seconds, mt.machines_dir_days) == ("auto", 60, 3.0)
     ignored = [r.getMessage() for r in caplog.records if "ignoring key" in r.getMessage()]
     assert len(ignored) == 11
     assert any("ignoring key 'files_dir' (not accepted from pipes)" in m for m in ignored)

@@ -372,7 +372,9 @@ def test_kernel_boot_under_tcg_with_user_networking(tmp_path: Path) -> None:
     assert [("readonly=on" in f) for f in fsdevs] == [True, True, False, True]
     tags = [d.split("mount_tag=")[1] for d in option_after(argv, "-device") if "9p" in d]
     assert tags == ["machinefeatures", "jobfeatures", "joboutputs", "cvmfs"]
-    assert option_after(argv, "-netdev") == ["user,id=net0,hostname=factory-00.example.com"]
+    assert option_after(argv, "-netdev") == [
+        "user,id=net0,hostname=factory-00.example.com,net=169.254.0.0/16"
+    ]
     nic = f"virtio-net-pci,netdev=net0,mac={vm.mac_address(UUID)},romfile="  # no PXE ROM
     assert nic in option_after(argv, "-device")
     assert option_after(argv, "-sandbox") == ["on,obsolete=deny,resourcecontrol=deny,spawn=deny"]
@@ -737,26 +739,21 @@ def test_auto_probes_once_per_qemu_and_kernel_and_caches_on_disk(
 ) -> None:
     probes: list[dict[str, Any]] = []
 
-    def probe(qemu: str, kernel: Path, initrd: Path, **kwargs: Any) -> vm.AccelProbe:
-        probes.append({"kernel": kernel, **kwargs})
-        return vm.AccelProbe(vm.Accel.TCG, "a KVM guest did not reach userspace within 20 s", 20)
+    def probe(qemu: str, **kwargs: Any) -> vm.AccelProbe:
+        probes.append(kwargs)
+        return vm.AccelProbe(vm.Accel.TCG, "the KVM probe timed out", 20)
 
     monkeypatch.setattr(vm_accel, "probe_accel", probe)
-    guest, host = tmp_path / "probe", tmp_path / "host-cache"
-    guest.mkdir()
+    host = tmp_path / "host-cache"
     auto = FactoryConfig(space="s.example.com", state_dir=factory.state_dir, vm_accel="auto")
 
     def daemon() -> vm.VmBackend:  # each backend has its own cache: a new one is a new daemon
-        return vm.VmBackend(auto, probe_dirs=(guest,), host_cache=host)
+        return vm.VmBackend(auto, host_cache=host)
 
-    assert daemon().accel().detail.startswith("KVM not tried")
-    (guest / vm.PROBE_KERNEL).write_text("k")
-    (guest / vm.PROBE_INITRD).write_text("i")
-    backend = daemon()
+    backend = daemon()  # no probe guest to find: the probe makes its own
     first = backend.accel()
     assert first.accel is vm.Accel.TCG
-    assert probes == [{"kernel": guest / vm.PROBE_KERNEL, "timeout": vm.DEFAULT_PROBE_TIMEOUT,
-                       "cpu": "host"}]  # fmt: skip
+    assert probes == [{"timeout": vm.DEFAULT_PROBE_TIMEOUT, "cpu": "host"}]
     cache = json.loads((factory.state_dir / "vm" / "accel.json").read_text())
     assert (cache["qemu_version"], cache["kernel"]) == ("7.2.22", os.uname().release)
     host_copy = json.loads((host / "vm-accel.json").read_text())
@@ -793,3 +790,46 @@ def test_probe_never_raises(factory: FactoryConfig, monkeypatch: pytest.MonkeyPa
     probe = vm.VmBackend(factory).probe()
     assert probe.health is Health.UNAVAILABLE
     assert "shared libraries" in probe.detail
+
+
+# --- the metadata service (Vac's 169.254.169.254 and .253) -----------------------------------
+
+
+def test_user_networking_forwards_both_metadata_addresses_to_the_lms_own_handler(
+    tmp_path: Path,
+) -> None:
+    made = files(tmp_path)
+    spec = make_spec(tmp_path, made["disk.qcow2"])
+    handler = ("/usr/bin/python3", "-I", "/opt/x/metadata.py", str(spec.directory), "/opt/x")
+    argv = vm.qemu_argv(spec, vm.plan(spec), launch(tmp_path, metadata=handler))
+    cmd = " ".join(handler)
+    assert option_after(argv, "-netdev") == [
+        "user,id=net0,hostname=factory-00.example.com,net=169.254.0.0/16,"
+        f"guestfwd=tcp:169.254.169.254:80-cmd:{cmd},guestfwd=tcp:169.254.169.253:80-cmd:{cmd}"
+    ]
+    # slirp starts the handler per connection: spawning is allowed, the rest stays denied
+    assert option_after(argv, "-sandbox") == ["on,obsolete=deny,resourcecontrol=deny"]
+
+
+def test_a_bridge_has_no_metadata_service_so_http_mjf_is_refused(tmp_path: Path) -> None:
+    made = files(tmp_path)
+    spec = make_spec(tmp_path, made["disk.qcow2"], vm_bridge="br-lm")
+    urls = {k: f"http://169.254.169.253/{k.lower()}" for k in spec.env}
+    with pytest.raises(SpecError, match=r"no metadata service.*mjf_env_style"):
+        vm.plan(dataclasses.replace(spec, env=urls))
+
+
+def test_the_handler_command_uses_a_python_the_lms_account_may_run(tmp_path: Path) -> None:
+    from lmrunner.backends.vm import metadata
+
+    argv = metadata.command(tmp_path, (os.getuid(), os.getgid()))
+    assert argv is not None
+    assert argv[1:4] == ("-I", str(Path(metadata.__file__).resolve()), str(tmp_path))
+    assert (Path(argv[4]) / "lmrunner" / "untrusted.py").is_file()  # lmrunner is imported there
+    locked = tmp_path / "locked"
+    (locked / "lm").mkdir(parents=True)
+    locked.chmod(0o700)
+    nobody = (65534, 65534)
+    assert metadata.reachable(tmp_path, nobody) is metadata.reachable(tmp_path.parent, nobody)
+    assert not metadata.reachable(locked / "lm", nobody)
+    assert metadata.reachable(locked / "lm", (0, 0))

@@ -97,10 +97,26 @@ def test_imported_vac_site_passes_check_unchanged(
     path.write_text(converted.out)
     # The site's files live under /var/lib/vac on the Vac host, not here.
     assert main(["check", "--config", str(path), "--skip-file-checks", "--quiet"]) == 0
-    # The pipe has not been fetched here, so its local override waits for it.
+    lines = converted.out.splitlines()
+
+    def line(text: str, after: int = 0) -> int:
+        return next(n for n, t in enumerate(lines, 1) if n > after and t.startswith(text))
+
     assert capsys.readouterr().err.splitlines() == [
-        f"lmrunner: warning: {path}:104: machinetypes.gridpp-lz: pipe 'gridpp' offers no such "
-        "machinetype (yet); section ignored"
+        # The pipe has not been fetched here, so its local override waits for it.
+        f"lmrunner: warning: {path}:{line('  gridpp-lz:')}: machinetypes.gridpp-lz: pipe "
+        "'gridpp' offers no such machinetype (yet); section ignored",
+        # What the import warned about, check says again: the options do nothing here.
+        f"lmrunner: warning: {path}:{line('  factories:')}: factory.factories: not supported "
+        "yet: lmrunner queries no other factory (VacQuery), so target shares count this "
+        "factory's LMs only",
+        f"lmrunner: warning: {path}:{line('  vacmon_hostport:')}: factory.vacmon_hostport: not "
+        "supported by lmrunner: it sends no VacMon messages",
+        f"lmrunner: warning: {path}:{line('  version_logger: 1')}: factory.version_logger: not "
+        "supported by lmrunner: it sends nothing to the GridPP version logger",
+        f"lmrunner: warning: {path}:{line('    image_signing_dn:', line('  lhcb-vm:'))}: "
+        "machinetypes.lhcb-vm.image_signing_dn: not supported by lmrunner: it checks no CernVM "
+        "image signature (pin a remote image with image_digest)",
     ]
 
 
@@ -173,3 +189,103 @@ def test_check_keeps_odd_file_names_on_their_lines(
     assert capsys.readouterr().err == (
         f"lmrunner: {tmp_path}/a\\nb.yaml: invalid YAML: control character U+000B (byte 10)\n"
     )
+
+
+def test_check_warns_about_every_unsupported_option_set(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site.write_text(
+        site.read_text().replace(
+            "factory:\n",
+            "factory:\n  vacmon_hostport: [vacmon.example.com:8884]\n  udp_timeout_seconds: 10\n",
+        )
+        + "vacuum_pipes:\n  vo:\n    url: https://vo.example.com/vo.pipe\n"
+        "    overrides: {image_signing_dn: /CN=x, root_device: vda}\n"
+    )
+    confd = site.parent / "conf.d"
+    confd.mkdir()
+    (confd / "50-devices.yaml").write_text("machinetypes:\n  lhcb-dc:\n    scratch_device: sdb\n")
+    assert main(["check", "--config", str(site), "--quiet"]) == 0  # warnings only
+    # udp_timeout_seconds and root_device hold their defaults: that is what lmrunner does.
+    assert capsys.readouterr().err.splitlines() == [
+        f"lmrunner: warning: {site}:2: factory.vacmon_hostport: not supported by lmrunner: it "
+        "sends no VacMon messages",
+        f"lmrunner: warning: {confd / '50-devices.yaml'}:3: machinetypes.lhcb-dc.scratch_device: "
+        "not supported by lmrunner: the scratch disk is the next virtio disk (vdb after a disk "
+        "image, vda after an ISO or kernel; /dev/disk/by-id/virtio-scratch)",
+        f"lmrunner: warning: {site}:15: vacuum_pipes.vo.overrides.image_signing_dn: not "
+        "supported by lmrunner: it checks no CernVM image signature (pin a remote image with "
+        "image_digest)",
+    ]
+
+
+def test_check_names_the_pipe_an_unsupported_value_came_from(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lmrunner.cli.check import unsupported_lines
+    from lmrunner.loader import load_config
+
+    site.write_text(site.read_text() + "vacuum_pipes:\n  vo:\n    url: https://vo.example.com/p\n")
+    entry = {"suffix": "prod", "machine_model": "docker", "root_image": "docker://vcbusybox",
+             "image_signing_dn": "/CN=cvm", "target_share": 1}  # fmt: skip
+    config = load_config(site, pipe_documents={"vo": {"machinetypes": [entry]}})
+    assert unsupported_lines(config) == [
+        "vacuum pipe vo: machinetypes.vo-prod.image_signing_dn: not supported by lmrunner: it "
+        "checks no CernVM image signature (pin a remote image with image_digest)"
+    ]
+    assert capsys.readouterr().err == ""
+
+
+def test_import_vac_conf_prints_every_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "vac.conf"
+    path.write_text(
+        "[settings]\nvac_space = vac.example.com\nfactories = . vac02.example.com\n"
+        "disk_gb_per_processor = 0\n"
+        "[machinetype cms]\nroot_image = cms.iso\nuser_data = http://example.com/ud\n"
+        "log_machineoutputs = true\n"
+    )
+    assert main(["import-vac-conf", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "  allow_http: true\n" in out
+    assert err.splitlines() == [
+        f"lmrunner: not carried over: {path}: [machinetype cms] log_machineoutputs: obsolete, "
+        "ignored by Vac too; machines_dir_days sets how long an LM's directory (joboutputs "
+        "included) is kept",
+        f"lmrunner: warning: {path}: [settings] factories: not supported yet: lmrunner queries "
+        "no other factory (VacQuery), so target shares count this factory's LMs only",
+        f"lmrunner: warning: {path}: [settings] disk_gb_per_processor: 0 meant the default size "
+        "in Vac (a share of the volume group, or 40 GB per processor for a VM's disk file), not "
+        "no disk; left unset: lmrunner's default (40 GB per processor) applies",
+        f"lmrunner: warning: {path}: [machinetype cms] user_data: http:// URL kept with "
+        "factory.allow_http: true; fetched without TLS (as Vac did), so anyone on the path can "
+        "change what LMs run",
+    ]
+
+
+def test_reference_marks_unsupported_options() -> None:
+    text = render()
+    assert (
+        "| `vacmon_hostport` | list of text | [] |  | `vacmon_hostport` | VacMon receivers "
+        "(host:port) Vac sent factory, machinetype and machine status to. **Not supported by "
+        "lmrunner: it sends no VacMon messages.** |"
+    ) in text
+    assert "**Not supported yet: lmrunner sends no VacQuery requests.**" in text
+    accepted = text.split("## Vac options accepted but not supported")[1].split("\n## ")[0]
+    rows = [row.split(" | ")[0] for row in accepted.splitlines() if row.startswith("| `")]
+    assert rows == [
+        "| `factory.factories`",
+        "| `factory.udp_timeout_seconds`",
+        "| `factory.gocdb_cert_file`",
+        "| `factory.gocdb_key_file`",
+        "| `factory.vacmon_hostport`",
+        "| `factory.version_logger`",
+        "| `machinetypes.NAME.root_device`",
+        "| `machinetypes.NAME.scratch_device`",
+        "| `machinetypes.NAME.image_signing_dn`",
+    ]
+    # Old spellings the importer maps by hand are listed with the option they become.
+    assert "| `root_public_key`, `rootpublickey` |" in text
+    assert "| `user_data_proxy_cert` |" in text
+    assert "| `log_machineoutputs` | obsolete" in text

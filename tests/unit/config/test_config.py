@@ -56,7 +56,7 @@ def test_defaults_match_vac(tmp_path: Path) -> None:
     assert mt.container_command == "/user_data"
     assert mt.machines_dir_days == 3.0
     assert mt.effective_machinegroup == "lhcb-dc"
-    assert mt.mjf_env_style is MjfEnvStyle.PATH
+    assert mt.mjf_env_style is MjfEnvStyle.AUTO  # http on VMs (Vac's metadata service)
     assert config.warnings == ()
 
 
