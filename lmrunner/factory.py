@@ -34,6 +34,7 @@ from lmrunner.ending import RESTART_OUTCOME, UNRECORDED_OUTCOME, Endings
 from lmrunner.enforce import Enforcer
 from lmrunner.errors import BackendError, BackendUnavailable, LmrunnerError, MachineNotFound
 from lmrunner.guard import guarded
+from lmrunner.images import DownloadSettings, ImageCache, ImageState, is_remote
 from lmrunner.lifecycle import (
     LmState,
     operator_outcome,
@@ -82,8 +83,13 @@ class Factory:
         rng: random.Random | None = None,
         load_average: Callable[[], tuple[float, float, float]] = os.getloadavg,
         cgroups: CgroupController | None = None,
+        images: ImageCache | None = None,
     ) -> None:
         self.config = config
+        self.images = images or ImageCache(
+            config.factory.state_dir / "images", DownloadSettings.of(config.factory), clock=clock
+        )
+        self._image_told: dict[str, str] = {}  # machinetype -> the image state last logged
         self.store = store
         self.backends = backends
         self.cgroups = cgroups
@@ -247,6 +253,7 @@ class Factory:
         now = self.clock()
         if now >= self._next_cleanup:
             self.cleanup_directories()
+            self.images.prune(self._remote_images())
             self._next_cleanup = now + CLEANUP_SECONDS
 
     def cleanup_directories(self) -> list[Path]:
@@ -267,7 +274,10 @@ class Factory:
         """What the planner would start now (:mod:`lmrunner.planning`); on every engine, working
         or not, for ``daemon --dry-run``."""
         engines = set(self.backends) - set(self.unavailable) if working_engines_only else None
-        config, running, histories = planning.inputs(self.config, self.store, active, engines)
+        waiting = self._images_waiting() if working_engines_only else set()
+        config, running, histories = planning.inputs(
+            self.config, self.store, active, engines, waiting
+        )
         return slots.plan(
             config,
             running,
@@ -299,6 +309,35 @@ class Factory:
                 started.append(record)
         return started
 
+    # --- remote images -------------------------------------------------------------------
+
+    def _remote_images(self) -> set[str]:
+        return {mt.image for mt in self.config.machinetypes.values() if is_remote(mt.image)}
+
+    def image_state(self, name: str) -> ImageState | None:
+        """The download state of machinetype ``name``'s image (None: not a remote image). Never
+        blocks: a download runs beside the loop and wakes it when it ends."""
+        mt = self.config.machinetypes[name]
+        if not is_remote(mt.image):
+            return None
+        state = self.images.get(mt.image, mt.image_digest)
+        if self._image_told.get(name) != state.detail:
+            self._image_told[name] = state.detail
+            level = logging.ERROR if state.status == "failed" else logging.INFO
+            LOG.log(level, "machinetype=%s image=%s: %s: %s", name, mt.image, state.status,
+                    state.detail)  # fmt: skip
+        return state
+
+    def _images_waiting(self) -> set[str]:
+        """Machinetypes that may start LMs but have no usable copy of their image yet."""
+        waiting = set()
+        for name, mt in self.config.machinetypes.items():
+            if mt.target_share > 0 and is_remote(mt.image):
+                state = self.image_state(name)
+                if state is not None and state.path is None:
+                    waiting.add(name)
+        return waiting
+
     def histories(self) -> dict[str, slots.TypeHistory]:
         return planning.histories(self.config, self.store)
 
@@ -311,9 +350,15 @@ class Factory:
         planned = spec.plan(self.config, decision, backend, slot, self.clock())
         record = self.store.insert(planned.record)
         try:
+            downloaded = None
+            image = self.image_state(mt.name)
+            if image is not None:
+                if image.path is None:  # it was ready when planned: the copy went meanwhile
+                    raise LmrunnerError(f"image {mt.image}: {image.detail}")
+                downloaded = image.path
             owner = spec.owner(self.config, backend)
             machine = spec.build(self.config, planned, backend, factory_id=self.store.factory_id,
-                                 owner=owner)  # fmt: skip
+                                 owner=owner, downloaded=downloaded)  # fmt: skip
             backend.validate(machine)
             cgroup = self.lm_cgroups.make(
                 record,
@@ -412,6 +457,12 @@ class Factory:
         self.backends = reloading.remade(
             self.config, config, self.backends, self.store.active(), make, self.events.put
         )
+        for line in reloading.changes(self.config, config):
+            LOG.info("reload: %s", line)
+        settings = DownloadSettings.of(config.factory)
+        if settings != self.images.settings:
+            self.images.close()
+            self.images = ImageCache(self.images.root, settings, clock=self.clock)
         self.config = config
 
     def request_stop(self) -> None:
@@ -425,5 +476,6 @@ class Factory:
         return remove_all(self.backends, self.store, self.lm_cgroups)
 
     def close(self) -> None:
+        self.images.close()
         for backend in self.backends.values():
             backend.close()

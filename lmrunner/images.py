@@ -28,6 +28,7 @@ from urllib.parse import unquote, urlsplit
 
 import requests
 
+from lmrunner.config import FactoryConfig
 from lmrunner.fetch import FetchError, ca_verify, open_stream, url_problem
 from lmrunner.yamlsrc import one_line
 
@@ -71,6 +72,17 @@ class DownloadSettings:
     keep_seconds: float
     #: How often a cached copy is revalidated with a conditional GET.
     revalidate_seconds: float = 300.0
+
+    @classmethod
+    def of(cls, factory: FactoryConfig) -> DownloadSettings:
+        """The settings the factory's configuration asks for."""
+        return cls(
+            ca_path=factory.ca_path,
+            allow_http=factory.allow_http,
+            max_bytes=round(factory.image_max_gb * 10**9),
+            timeout=factory.download_timeout_seconds,
+            keep_seconds=factory.image_cache_days * 86400,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +208,16 @@ class ImageCache:
         if save:
             self._save_last_used(entry)
         return state
+
+    def cached(self, url: str, digest: str | None = None) -> Path | None:
+        """The usable local copy of ``url`` now, starting nothing (``lmrunner check``)."""
+        if self._refusal(url, digest) is not None:
+            return None
+        with self._lock:
+            entry = self._entries.get(url)
+            if entry is None:
+                return None
+            return self._state(entry, digest, self.clock(), start=False).path
 
     def wait(self, url: str, timeout: float, digest: str | None = None) -> ImageState:
         """Like :meth:`get`, then block until its download or revalidation has ended (at most

@@ -109,6 +109,7 @@ def load_config(
     local_raw = _section(merged, "machinetypes", problems)
     warnings: list[str] = []
     expanded = pipes_mod.expand_pipes(pipes, pipe_documents or {}, local_raw, warnings)
+    allow_http = factory is not None and factory.allow_http
     machinetypes: dict[str, MachinetypeConfig] = {}
     for name, raw in {**local_raw, **expanded}.items():
         where = raw.where if name in expanded else local_raw.where_of(name)
@@ -131,12 +132,12 @@ def load_config(
         if built_mt is None:
             continue
         if pipe_name is None:
-            machinetypes[name] = _finish_machinetype(built_mt, raw, problems)
+            machinetypes[name] = _finish_machinetype(built_mt, raw, problems, allow_http)
             continue
         # A pipe's type that fails the checks across options (min above max, a bad regex) is
         # rejected alone, like a bad entry: a document must not stop the whole configuration.
         scratch = Problems()
-        finished = _finish_machinetype(built_mt, raw, scratch)
+        finished = _finish_machinetype(built_mt, raw, scratch, allow_http)
         if scratch:
             warnings.extend(f"{line}; machinetype ignored" for line in scratch.lines)
         else:
@@ -266,7 +267,7 @@ def _finish_factory(
 
 
 def _finish_machinetype(
-    mt: MachinetypeConfig, raw: Located, problems: Problems
+    mt: MachinetypeConfig, raw: Located, problems: Problems, allow_http: bool
 ) -> MachinetypeConfig:
     path = f"machinetypes.{mt.name}"
     if mt.max_processors < mt.min_processors:
@@ -282,12 +283,19 @@ def _finish_machinetype(
             f"expected at most max_wallclock_seconds ({mt.max_wallclock_seconds}), got "
             f"{mt.min_wallclock_seconds}",
         )
-    if mt.user_data and "://" in mt.user_data and not mt.user_data.startswith("https://"):
-        problems.add(
-            raw.where_of("user_data"),
-            f"{path}.user_data",
-            f"expected a path or an https:// URL, got {mt.user_data!r}",
-        )
+    web = ("https://", "http://") if allow_http else ("https://",)
+    for key, value, local in (("user_data", mt.user_data, "a path"),
+                              ("image", mt.image, "a path, an engine reference")):  # fmt: skip
+        if value and value.lower().startswith("http://") and not allow_http:
+            problems.add(raw.where_of(key), f"{path}.{key}",
+                         f"{value!r}: http:// needs factory.allow_http: true (no TLS), or use "
+                         "https://")  # fmt: skip
+        elif key == "user_data" and value and "://" in value and not value.startswith(web):
+            problems.add(raw.where_of(key), f"{path}.{key}",
+                         f"expected {local} or an https:// URL, got {value!r}")  # fmt: skip
+    if mt.image_digest is not None and not mt.image.lower().startswith(("https://", "http://")):
+        why = f"pins a downloaded image; image {mt.image!r} is not an https:// URL"
+        problems.add(raw.where_of("image_digest"), f"{path}.image_digest", why)
     if mt.image_signing_dn is not None:
         try:
             re.compile(mt.image_signing_dn)

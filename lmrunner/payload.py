@@ -8,6 +8,8 @@ existing payloads work unchanged. Formats: vac.md §5 (templating), §6 (MJF, HS
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import re
 import shutil
@@ -27,8 +29,10 @@ from lmrunner.config import (
     resolve_local,
 )
 from lmrunner.errors import LmrunnerError
-from lmrunner.fetch import FetchError, fetch_bytes
+from lmrunner.fetch import FetchError, ca_verify, fetch_bytes
 from lmrunner.model import MIB, Limits, Mount, Placement
+
+LOG = logging.getLogger(__name__)
 
 #: Every pattern left after substitution is removed (Vac's rule).
 LEFTOVER = re.compile(r"##user_data_[a-z0-9_,]*##")
@@ -198,19 +202,52 @@ def read_template(
     """The machinetype's user_data template and the URL it came from (None for a file)."""
     if mt.user_data is None:
         return "", None
-    if mt.user_data.startswith("https://"):
+    factory = config.factory
+    if mt.user_data.startswith(("https://", "http://")):
         try:
             body = fetch_bytes(
                 mt.user_data,
                 max_bytes=USER_DATA_MAX_BYTES,
-                timeout=USER_DATA_TIMEOUT,
+                timeout=min(USER_DATA_TIMEOUT, factory.download_timeout_seconds),
                 session=session,
+                verify=ca_verify(factory.ca_path),
+                allow_http=factory.allow_http,
             )
         except FetchError as err:
-            raise PayloadError(f"machinetypes.{mt.name}.user_data: {err}") from err
+            kept = _last_good_user_data(config, mt.user_data)
+            if kept is None:
+                raise PayloadError(f"machinetypes.{mt.name}.user_data: {err}") from err
+            # As with images and pipes: a server down for a while does not stop the site.
+            LOG.warning("machinetype=%s: user_data: %s; using the last good copy", mt.name, err)
+            body = kept
+        else:
+            _keep_user_data(config, mt.user_data, body)
         return body.decode(errors="replace"), mt.user_data
     path = resolve_local(mt.user_data, config.files_dir(mt.name))
     return _read(path, f"machinetypes.{mt.name}.user_data"), None
+
+
+def _user_data_copy(config: Config, url: str) -> Path:
+    return config.factory.state_dir / "userdata" / hashlib.sha256(url.encode()).hexdigest()
+
+
+def _keep_user_data(config: Config, url: str, body: bytes) -> None:
+    """Keep the template fetched from ``url`` (it may hold secrets: root's alone)."""
+    path = _user_data_copy(config, url)
+    try:
+        if path.exists() and path.read_bytes() == body:
+            return
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        atomic.write_bytes(path, body, mode=0o600)
+    except OSError as err:  # a copy not kept is no reason to fail this start
+        LOG.warning("cannot keep a copy of user_data %s: %s", url, err)
+
+
+def _last_good_user_data(config: Config, url: str) -> bytes | None:
+    try:
+        return _user_data_copy(config, url).read_bytes()
+    except OSError:
+        return None
 
 
 def make_proxy(config: Config, mt: MachinetypeConfig, shutdown_time: int) -> str | None:

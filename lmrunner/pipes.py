@@ -92,9 +92,17 @@ class RefreshResult:
 class PipeStore:
     """The on-disk cache of pipe documents (``<state_dir>/pipescache/<name>.json``)."""
 
-    def __init__(self, cache_dir: Path, session: requests.Session | None = None) -> None:
+    def __init__(
+        self,
+        cache_dir: Path,
+        session: requests.Session | None = None,
+        *,
+        verify: str | bool | None = None,
+    ) -> None:
+        """``verify``: requests' CA setting (:func:`lmrunner.fetch.ca_verify`); None: its own."""
         self.cache_dir = cache_dir
         self.session = session or requests.Session()
+        self.verify = verify
 
     def path(self, name: str) -> Path:
         return self.cache_dir / f"{name}.json"
@@ -132,7 +140,7 @@ class PipeStore:
         if not force and cached is not None and moment - cached.fetched_at < cached.cache_seconds:
             return RefreshResult(pipe.name, "fresh", "cache is fresh", cached)
         try:
-            document = fetch_document(pipe, self.session)
+            document = fetch_document(pipe, self.session, verify=self.verify)
         except PipeError as err:
             kept = "keeping the last good copy" if cached else "no copy yet: its machinetypes wait"
             LOG.warning("pipe %s: refresh failed: %s; %s", pipe.name, err, kept)
@@ -149,16 +157,17 @@ class PipeStore:
         return RefreshResult(pipe.name, "fetched", f"fetched {pipe.url}", fresh)
 
 
-def fetch_document(pipe: PipeConfig, session: requests.Session) -> Mapping[str, Any]:
+def fetch_document(
+    pipe: PipeConfig, session: requests.Session, *, verify: str | bool | None = None
+) -> Mapping[str, Any]:
     """GET the pipe's JSON, at most ``max_bytes``, and check its shape.
 
     Raises:
         PipeError: one line saying what failed.
     """
     try:
-        body = fetch_bytes(
-            pipe.url, max_bytes=pipe.max_bytes, timeout=pipe.timeout_seconds, session=session
-        )
+        body = fetch_bytes(pipe.url, max_bytes=pipe.max_bytes, timeout=pipe.timeout_seconds,
+                           session=session, verify=verify)  # fmt: skip
     except FetchError as err:
         raise PipeError(one_line(str(err))) from err
     return parse_document(body, pipe.url)
@@ -380,8 +389,7 @@ def _unsafe(entry: Located, files: Mapping[str, Any], pipe: PipeConfig) -> str |
     if "/" in str(entry.get("heartbeat_file") or ""):
         return "heartbeat_file may not contain '/'"
     user_data = str(entry.get("user_data") or "")
-    # https only, even with allow_http: the machinetype schema rejects an http user_data.
-    if "/../" in user_data or ("/" in user_data and not user_data.startswith("https://")):
+    if "/../" in user_data or ("/" in user_data and not user_data.startswith(web)):
         return f"user_data {user_data!r} must be a plain file name or an https URL"
     image = str(entry.get("image") or "")
     if "/../" in image or ("/" in image and not image.startswith(("docker://", "/cvmfs/", *web))):

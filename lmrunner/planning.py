@@ -22,13 +22,22 @@ def histories(config: Config, store: Store) -> dict[str, slots.TypeHistory]:
 
 
 def inputs(
-    config: Config, store: Store, active: list[LmRecord], engines: Collection[str] | None
+    config: Config,
+    store: Store,
+    active: list[LmRecord],
+    engines: Collection[str] | None,
+    waiting: Collection[str] = (),
 ) -> tuple[Config, list[slots.RunningLm], dict[str, slots.TypeHistory]]:
     """The configuration as the planner must see it (only machinetypes of ``engines``, all
-    when None; draining when ``lmrunner drain`` said so), the running LMs and the histories."""
-    if engines is not None:
-        usable = {n: mt for n, mt in config.machinetypes.items() if mt.backend.value in engines}
-        if len(usable) < len(config.machinetypes):  # the others' engines are missing or down
+    when None, and none of ``waiting`` (their images are not downloaded yet); draining when
+    ``lmrunner drain`` said so), the running LMs and the histories."""
+    if engines is not None or waiting:
+        usable = {
+            n: mt
+            for n, mt in config.machinetypes.items()
+            if (engines is None or mt.backend.value in engines) and n not in waiting
+        }
+        if len(usable) < len(config.machinetypes):  # engines missing or down, images not here
             config = replace(config, machinetypes=usable)
     if store.meta("draining") == "1":
         config = replace(config, factory=replace(config.factory, draining=True))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import fields, replace
 
 from lmrunner.backends.base import Backend
 from lmrunner.config import Config
@@ -66,3 +66,21 @@ def remade(
                 notify(record.uuid)
         LOG.info("backend=%s: made anew for the new configuration", name)
     return out
+
+
+def changes(old: Config, new: Config) -> list[str]:
+    """What a reload changes in the machinetypes (added, removed, changed: which options), one
+    line each, for the log: a pipe refreshed by the daemon says what it brought."""
+    lines = []
+    for name in sorted(set(new.machinetypes) - set(old.machinetypes)):
+        lines.append(f"machinetype {name} added")
+    for name in sorted(set(old.machinetypes) - set(new.machinetypes)):
+        lines.append(f"machinetype {name} removed (its running LMs go on)")
+    for name in sorted(set(old.machinetypes) & set(new.machinetypes)):
+        before, after = old.machinetypes[name], new.machinetypes[name]
+        if before != after:
+            changed = [
+                f.name for f in fields(after) if getattr(before, f.name) != getattr(after, f.name)
+            ]
+            lines.append(f"machinetype {name} changed: {', '.join(changed)}")
+    return lines

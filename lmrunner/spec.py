@@ -81,9 +81,11 @@ def build(
     *,
     factory_id: str,
     owner: tuple[int, int],
+    downloaded: Path | None = None,
 ) -> MachineSpec:
     """Make the LM's directory (user_data, MJF, joboutputs) and return its spec (its cgroup is
-    made once the backend has validated it)."""
+    made once the backend has validated it). ``downloaded``: the local copy of a remote image
+    (:mod:`lmrunner.images`), which the engine gets instead of the URL."""
     record, mt = planned.record, planned.mt
     prepared = payload.prepare(
         config,
@@ -101,7 +103,7 @@ def build(
         uuid=record.uuid,
         name=record.name,
         machinetype=mt.name,
-        image=image(mt.image, files),
+        image=str(downloaded) if downloaded is not None else image(mt.image, files),
         command=(mt.container_command,),
         limits=record.limits,
         mounts=prepared.mounts,

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from lmrunner import slots, spec
+from lmrunner.backends.base import Backend
 from lmrunner.cli.common import common_options, load, pipe_summary
 from lmrunner.config import Config, as_dict
-from lmrunner.errors import LmrunnerError
+from lmrunner.errors import LmrunnerError, SpecError
+from lmrunner.images import DownloadSettings, ImageCache, is_remote
 from lmrunner.vactables import unsupported_options
 from lmrunner.yamlsrc import Located, load_yaml, one_line
 
@@ -61,9 +67,8 @@ def _where_set(documents: Sequence[Located], keys: Sequence[str]) -> str | None:
     return None
 
 
-def host_report(config: Config) -> list[str]:
+def host_report(config: Config, backends: Mapping[str, Backend]) -> list[str]:
     """What this host gives the configuration: cgroups, and each backend's engine (accel...)."""
-    from lmrunner.backends import make_backends
     from lmrunner.lmcgroups import host_cgroups
 
     cgroups = host_cgroups(config.factory)
@@ -72,12 +77,54 @@ def host_report(config: Config) -> list[str]:
         if cgroups is None
         else f"cgroups: v{cgroups.version} under {config.factory.cgroup_parent}"
     ]
-    names = {mt.backend.value for mt in config.machinetypes.values()}
-    for name, backend in sorted(make_backends(names, config.factory, cgroups).items()):
+    for name, backend in sorted(backends.items()):
         probe = backend.probe()
         lines.append(f"backend {name}: {probe.health} {probe.version or ''} {probe.detail}".strip())
-        backend.close()
     return lines
+
+
+def validation_lines(
+    config: Config, backends: Mapping[str, Backend]
+) -> tuple[list[str], list[str]]:
+    """Run each machinetype's backend ``validate`` on the spec a start would build now (in a
+    scratch state directory: nothing of the real one changes); returns (errors, warnings).
+
+    Errors are what a start would refuse (a missing image, a bad option for this engine);
+    warnings are what cannot be checked here (an image not downloaded yet, a backend this host
+    lacks, user_data that cannot be fetched now).
+    """
+    errors: list[str] = []
+    warnings: list[str] = []
+    cache = ImageCache(config.factory.state_dir / "images", DownloadSettings.of(config.factory))
+    with tempfile.TemporaryDirectory(prefix="lmrunner-check-") as scratch:
+        Path(scratch).chmod(0o755)  # as a real state directory: LM accounts reach LM folders
+        trial = replace(config, factory=replace(config.factory, state_dir=Path(scratch)))
+        for name, mt in sorted(config.machinetypes.items()):
+            where = f"machinetypes.{name}"
+            backend = backends.get(mt.backend.value)
+            if backend is None:
+                warnings.append(f"{where}: backend {mt.backend.value} is not usable here: "
+                                "not validated")  # fmt: skip
+                continue
+            downloaded = None
+            if is_remote(mt.image):
+                downloaded = cache.cached(mt.image, mt.image_digest)
+                if downloaded is None:
+                    later = f"the {backend.name} backend checks it once the daemon has it"
+                    warnings.append(f"{where}.image: {mt.image} is not downloaded yet: {later}")
+                    continue
+            decision = slots.StartDecision(name, mt.min_processors, 2**31 - 1, "check")
+            try:
+                planned = spec.plan(trial, decision, backend, 0, time.time())
+                owner = spec.owner(trial, backend)
+                machine = spec.build(trial, planned, backend, factory_id="check", owner=owner,
+                                     downloaded=downloaded)  # fmt: skip
+                backend.validate(machine)
+            except SpecError as err:
+                errors.append(one_line(f"{where}: {err}"))
+            except (LmrunnerError, OSError) as err:  # user_data down, no account: not the config
+                warnings.append(one_line(f"{where}: not validated: {err}"))
+    return errors, warnings
 
 
 def add_parser(sub: Any) -> None:
@@ -121,12 +168,31 @@ def run(args: argparse.Namespace) -> int:
                 "beyond lmrunner's reduced default set",
                 file=sys.stderr,
             )
-    if args.quiet:
-        return 0
-    header = [f"effective configuration from {', '.join(map(str, config.files))}"]
-    header += [pipe_summary(config, pipe) for pipe in config.pipes.values()]
-    if not args.no_probe:
-        header += host_report(config)
+    from lmrunner.backends import make_backends
+    from lmrunner.lmcgroups import host_cgroups
+
+    names = {mt.backend.value for mt in config.machinetypes.values()}
+    backends = make_backends(names, config.factory, host_cgroups(config.factory))
+    try:
+        errors: list[str] = []
+        warnings: list[str] = []
+        if not args.skip_file_checks:  # validation needs the files (images) the config names
+            errors, warnings = validation_lines(config, backends)
+        for line in warnings:
+            print(f"lmrunner: warning: {line}", file=sys.stderr)
+        for line in errors:
+            print(f"lmrunner: error: {line}", file=sys.stderr)
+        if errors:
+            return 1
+        if args.quiet:
+            return 0
+        header = [f"effective configuration from {', '.join(map(str, config.files))}"]
+        header += [pipe_summary(config, pipe) for pipe in config.pipes.values()]
+        if not args.no_probe:
+            header += host_report(config, backends)
+    finally:
+        for backend in backends.values():
+            backend.close()
     # File names and URLs as written: a line break (or undecodable byte) must not break YAML.
     print("\n".join(f"# {one_line(line)}" for line in header))
     print(yaml.safe_dump(as_dict(config), sort_keys=False, default_flow_style=False), end="")

@@ -60,11 +60,12 @@ def load(
     args: argparse.Namespace, *, refresh_pipes: bool = False, check_files: bool = True
 ) -> Config:
     """Load the configuration with the pipes' cached documents (refreshed first if asked)."""
+    from lmrunner.fetch import ca_verify
     from lmrunner.loader import load_config
     from lmrunner.pipes import PipeStore
 
     bare = _with_state_dir(load_config(args.config, check_files=False), args.state_dir)
-    store = PipeStore(bare.factory.state_dir / "pipescache")
+    store = PipeStore(bare.factory.state_dir / "pipescache", verify=ca_verify(bare.factory.ca_path))
     if refresh_pipes:
         for pipe in bare.pipes.values():
             result = store.refresh(pipe, force=True)

@@ -20,7 +20,10 @@ from lmrunner.cli.common import common_options, load
 from lmrunner.config import Config
 from lmrunner.errors import ConfigError, LmrunnerError
 from lmrunner.factory import Factory, Tuning
+from lmrunner.fetch import ca_verify
 from lmrunner.lmcgroups import host_cgroups
+from lmrunner.pipes import PipeStore
+from lmrunner.pipewatch import PipeWatch
 from lmrunner.state import Store, StoreError
 
 LOG = logging.getLogger("lmrunner.daemon")
@@ -119,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
             return made
 
         factory.reconfigure(new, make)
+        pipes.wake()  # a pipe may be new or have a new URL
         LOG.info("configuration reloaded from %s", ", ".join(map(str, new.files)))
 
     def hangup(signum: int, frame: FrameType | None) -> None:
@@ -128,15 +132,25 @@ def run(args: argparse.Namespace) -> int:
         LOG.info("signal %d: no new LMs; exiting, running LMs keep running", signum)
         factory.request_stop()
 
+    pipes = PipeWatch(
+        PipeStore(
+            config.factory.state_dir / "pipescache", verify=ca_verify(config.factory.ca_path)
+        ),
+        lambda: factory.config.pipes,
+        factory.request_reload,
+    )
     signal.signal(signal.SIGHUP, hangup)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     if early_stop:
         stop(early_stop[0], None)
     store.set_meta("daemon_pid", str(os.getpid()))
+    if not args.once:
+        pipes.start()
     try:
         factory.run(once=args.once, reload=reload)
     finally:
+        pipes.close()
         with contextlib.suppress(StoreError):  # a broken store's own error is the one to show
             store.set_meta("daemon_pid", None)
         factory.close()

@@ -283,7 +283,7 @@ def test_mjf_locations_per_placement_and_style() -> None:
     ],
 )
 def test_root_image_url_only_for_web_images(tmp_path: Path, image: str, url: str) -> None:
-    config = load(tmp_path, vo={"backend": "vm", "image": image})
+    config = load(tmp_path, {"allow_http": True}, vo={"backend": "vm", "image": image})
     values = template_values(
         config,
         config.machinetypes["vo"],

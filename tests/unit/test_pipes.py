@@ -116,9 +116,14 @@ def write_config(
     tmp_path: Path,
     pipe: Mapping[str, Any] | None = None,
     machinetypes: Mapping[str, Any] | None = None,
+    factory: Mapping[str, Any] | None = None,
 ) -> Path:
     data: dict[str, Any] = {
-        "factory": {"space": "space.example.com", "state_dir": str(tmp_path / "state")},
+        "factory": {
+            "space": "space.example.com",
+            "state_dir": str(tmp_path / "state"),
+            **(factory or {}),
+        },
         "vacuum_pipes": {"vo": {"url": PIPE_URL, "target_share": 10, **(pipe or {})}},
     }
     if machinetypes:
@@ -138,9 +143,10 @@ def expand(
     pipe: Mapping[str, Any] | None = None,
     machinetypes: Mapping[str, Any] | None = None,
     document: Mapping[str, Any] | None = None,
+    factory: Mapping[str, Any] | None = None,
 ) -> Config:
     """Load a configuration whose pipe ``vo`` has a document with ``entries``."""
-    path = write_config(tmp_path, pipe, machinetypes)
+    path = write_config(tmp_path, pipe, machinetypes, factory)
     doc = document if document is not None else {"machinetypes": list(entries)}
     return load(path, {"vo": doc}, check_files=False)
 
@@ -697,24 +703,31 @@ def test_safe_paths_are_accepted(tmp_path: Path, change: dict[str, Any]) -> None
 
 def test_http_image_only_with_allow_http(tmp_path: Path) -> None:
     entry = {**TEST, "root_image": "http://images.example.com/x.iso"}
-    config = expand(
-        tmp_path, entry, pipe={"url": "http://pipes.example.com/vo.json", "allow_http": True}
-    )
+    pipe = {"url": "http://pipes.example.com/vo.json", "allow_http": True}
+    config = expand(tmp_path, entry, pipe=pipe, factory={"allow_http": True})
     assert config.warnings == ()
     assert config.machinetypes["vo-test"].image == "http://images.example.com/x.iso"
 
 
-def test_http_user_data_is_rejected_even_with_allow_http(tmp_path: Path) -> None:
-    # An http user_data would fail the whole configuration (the machinetype schema takes https
-    # only), so the pipe's entry alone must go.
+@pytest.mark.parametrize("factory_allows", [True, False])
+def test_http_user_data_needs_both_the_pipes_and_the_factorys_allow_http(
+    tmp_path: Path, factory_allows: bool
+) -> None:
+    # The pipe's allow_http lets its entries name http URLs; downloading them (user_data at
+    # every start, as Vac did) is the factory's decision. Refused, the entry alone goes.
     entry = {**TEST, "suffix": "bad", "user_data": "http://vo.example.com/ud"}
     url = "http://pipes.example.com/vo.json"
-    config = expand(tmp_path, PROD, entry, pipe={"url": url, "allow_http": True})
+    config = expand(tmp_path, PROD, entry, pipe={"url": url, "allow_http": True},
+                    factory={"allow_http": factory_allows})  # fmt: skip
+    if factory_allows:
+        assert set(config.machinetypes) == {"vo-prod", "vo-bad"}
+        assert config.machinetypes["vo-bad"].user_data == "http://vo.example.com/ud"
+        return
     assert set(config.machinetypes) == {"vo-prod"}
-    assert config.warnings == (
-        f"pipe vo ({url}) entry 1 'bad': rejected: user_data 'http://vo.example.com/ud' must be "
-        "a plain file name or an https URL",
-    )
+    assert len(config.warnings) == 1
+    assert "machinetypes.vo-bad.user_data: 'http://vo.example.com/ud': http:// needs " \
+        "factory.allow_http: true" in config.warnings[0]  # fmt: skip
+    assert config.warnings[0].endswith("; machinetype ignored")
 
 
 MALFORMED: dict[str, tuple[Any, str]] = {

@@ -189,8 +189,8 @@ BAD = [
     ),
     (  # 18: plain http user_data
         GOOD + "    user_data: http://example.org/ud\n",
-        "{f}:9: machinetypes.lhcb-dc.user_data: expected a path or an https:// URL, "
-        "got 'http://example.org/ud'",
+        "{f}:9: machinetypes.lhcb-dc.user_data: 'http://example.org/ud': http:// needs "
+        "factory.allow_http: true (no TLS), or use https://",
     ),
     (  # 19: a missing user_data file
         GOOD + "    user_data: /nonexistent/user_data\n",
