@@ -277,7 +277,9 @@ class MachinetypeConfig:
     image: str = option(
         REQUIRED,
         "docker://REF or local image (docker); directory, SIF or docker:// (apptainer); disk "
-        "image, ISO or kernel (vm). Relative names are looked up in the machinetype's files/.",
+        "image (qcow2, raw), ISO or kernel (vm). Relative names are looked up in the "
+        "machinetype's files/. An https:// URL (apptainer, vm) is downloaded once into "
+        "<state_dir>/images and its LMs wait for the copy (`lmrunner images`).",
         vac="root_image",
     )
     image_digest: str | None = option(

@@ -86,9 +86,7 @@ class Factory:
         images: ImageCache | None = None,
     ) -> None:
         self.config = config
-        self.images = images or ImageCache(
-            config.factory.state_dir / "images", DownloadSettings.of(config.factory), clock=clock
-        )
+        self.images = images or self._image_cache(config, clock)
         self._image_told: dict[str, str] = {}  # machinetype -> the image state last logged
         self.store = store
         self.backends = backends
@@ -311,6 +309,11 @@ class Factory:
 
     # --- remote images -------------------------------------------------------------------
 
+    def _image_cache(self, config: Config, clock: Callable[[], float]) -> ImageCache:
+        # A finished download wakes the loop (an empty event, as a signal's): its LMs start now.
+        return ImageCache(config.factory.state_dir / "images", DownloadSettings.of(config.factory),
+                          clock=clock, on_done=lambda: self.events.put(""))  # fmt: skip
+
     def _remote_images(self) -> set[str]:
         return {mt.image for mt in self.config.machinetypes.values() if is_remote(mt.image)}
 
@@ -321,8 +324,11 @@ class Factory:
         if not is_remote(mt.image):
             return None
         state = self.images.get(mt.image, mt.image_digest)
-        if self._image_told.get(name) != state.detail:
-            self._image_told[name] = state.detail
+        # Told once per state and reason: a download's progress and a failure's countdown to
+        # its next try change on every pass and are not news.
+        news = state.status if state.status == "downloading" else state.detail.split("; next")[0]
+        if self._image_told.get(name) != news:
+            self._image_told[name] = news
             level = logging.ERROR if state.status == "failed" else logging.INFO
             LOG.log(level, "machinetype=%s image=%s: %s: %s", name, mt.image, state.status,
                     state.detail)  # fmt: skip
@@ -459,10 +465,9 @@ class Factory:
         )
         for line in reloading.changes(self.config, config):
             LOG.info("reload: %s", line)
-        settings = DownloadSettings.of(config.factory)
-        if settings != self.images.settings:
+        if DownloadSettings.of(config.factory) != self.images.settings:
             self.images.close()
-            self.images = ImageCache(self.images.root, settings, clock=self.clock)
+            self.images = self._image_cache(config, self.clock)
         self.config = config
 
     def request_stop(self) -> None:

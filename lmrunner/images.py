@@ -176,8 +176,12 @@ class ImageCache:
         *,
         clock: Callable[[], float] = time.time,
         session_factory: Callable[[], requests.Session] = requests.Session,
+        on_done: Callable[[], None] | None = None,
     ) -> None:
+        """``on_done`` is called (from the download's thread) when a download or revalidation
+        ended, whatever its result; it must only wake somebody up."""
         self.root = root
+        self.on_done = on_done
         self.settings = settings
         self.clock = clock
         self.session_factory = session_factory
@@ -412,6 +416,8 @@ class ImageCache:
         with self._lock:
             entry.job = None
             self._changed.notify_all()
+        if self.on_done is not None:
+            self.on_done()  # the factory's loop plans again now, not at its next idle wake-up
 
     def _download(self, entry: _Entry, pinned: str | None, base: _Copy | None) -> str:
         """GET the image into the entry's folder; what was done, in a few words.

@@ -43,7 +43,8 @@ class PipeWatch:
         self.pipes = pipes
         self.changed = changed
         self.clock = clock
-        self._known: dict[str, Mapping[str, Any] | None] = {}
+        #: pipe -> (URL, document) of the copy the running configuration was loaded with
+        self._known: dict[str, tuple[str, Mapping[str, Any] | None]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -54,9 +55,9 @@ class PipeWatch:
         due = now + RETRY_SECONDS * 60
         news = []
         for name, pipe in sorted(self.pipes().items()):
-            if name not in self._known:
+            if name not in self._known:  # the daemon loaded its configuration from this copy
                 cached = self.store.load(name)
-                self._known[name] = cached.document if cached and cached.url == pipe.url else None
+                self._known[name] = (pipe.url, cached.document if cached else None)
             result = self.store.refresh(pipe, at=now)
             if result.status == "failed":
                 retry = RETRY_SECONDS
@@ -67,11 +68,14 @@ class PipeWatch:
             if result.cached is None:  # not expected: fresh or fetched always has a copy
                 continue
             due = min(due, result.cached.fetched_at + result.cached.cache_seconds)
-            if result.status == "fetched" and result.cached.document != self._known[name]:
+            # A copy other than the one in use: fetched now, fetched by another process
+            # (check --refresh-pipes), or the same document from a new URL after a reload.
+            seen = (pipe.url, result.cached.document)
+            if seen != self._known[name]:
                 count = len(result.cached.document.get("machinetypes") or [])
-                LOG.info("pipe %s: fetched a changed document (%d entries)", name, count)
+                LOG.info("pipe %s: a new document (%d entries): reloading", name, count)
                 news.append(name)
-            self._known[name] = result.cached.document
+            self._known[name] = seen
         if news:
             self.changed()
         return max(due - self.clock(), MIN_WAIT_SECONDS)

@@ -39,10 +39,9 @@ PROBE_EXIT_PORT, PROBE_EXIT_VALUE = 0xF4, 0x31
 PROBE_EXIT_STATUS = (PROBE_EXIT_VALUE << 1) | 1  # 99
 #: The probe guest finishes in well under a second wherever KVM works (QEMU's start included).
 DEFAULT_PROBE_TIMEOUT = 20.0
-#: Names of the former probe guest (the vcbusybox kernel and initramfs, and what its init
-#: printed). The probe no longer uses them; they stay because lmrunner.backends.vm exports them.
-PROBE_KERNEL, PROBE_INITRD = "vmlinuz", "initramfs.cpio.gz"
-PROBE_MARKER = "VCBUSYBOX-PROBE-OK"
+#: Which probe made a cached answer: answers of another (the former vcbusybox guest, which
+#: could not tell a crawling KVM from a working one) are probed again.
+PROBE_VERSION = 2
 #: Host machines (``platform.machine()``) whose KVM can run the x86_64 guests of this backend.
 KVM_MACHINES = frozenset({"x86_64", "amd64", "AMD64"})
 #: TCG's translation cache (QEMU's default grows to 1 GiB, charged to the LM's cgroup).
@@ -157,8 +156,6 @@ def probe_argv(
 
 def probe_accel(
     qemu: str | Path,
-    kernel: Path | None = None,
-    initrd: Path | None = None,
     *,
     timeout: float = DEFAULT_PROBE_TIMEOUT,
     dev_kvm: Path = Path("/dev/kvm"),
@@ -167,8 +164,7 @@ def probe_accel(
 ) -> AccelProbe:
     """Run the probe guest under KVM and report whether KVM can be used.
 
-    ``kernel`` and ``initrd`` are ignored (the former vcbusybox probe guest; still accepted from
-    callers that pass them). ``cpu`` is the CPU model LMs will get under KVM (``host``): a
+    ``cpu`` is the CPU model LMs will get under KVM (``host``): a
     model the host cannot run makes QEMU abort, which selects TCG too. ``machine`` is the
     host's (default: :func:`platform.machine`): KVM runs only guests of the host's own
     architecture, so on a host other than x86_64 it is TCG without a probe. Never raises for a
@@ -229,18 +225,14 @@ class AccelCache:
     order, and all written after a probe. The backend passes its own ``accel.json`` and the
     host-wide ``vm-accel.json``: the answer is the host's, not one factory's, so a new state
     directory (tests, the demo) is spared the probe (up to its timeout). Writing is best effort.
-    ``probe_dirs`` is unused (where the former probe guest was looked for); it is still accepted
-    from callers that pass it.
     """
 
     def __init__(
         self,
         files: tuple[Path, ...],
-        probe_dirs: tuple[Path, ...] = (),
         probe_timeout: float = DEFAULT_PROBE_TIMEOUT,
     ) -> None:
         self.files = files
-        self.probe_dirs = probe_dirs
         self.probe_timeout = probe_timeout
         self._found: dict[CacheKey, AccelProbe] = {}
         self._lock = threading.Lock()  # one probe at a time: the others wait for its answer
@@ -268,6 +260,8 @@ def _load(path: Path, key: CacheKey) -> AccelProbe | None:
         data = json.loads(path.read_text())
         if (data["qemu"], data["qemu_version"], data["kernel"]) != key:
             return None  # probed for another QEMU or host kernel
+        if data.get("probe") != PROBE_VERSION:
+            return None  # made by another probe
         return AccelProbe(Accel(data["accel"]), str(data["detail"]), float(data["seconds"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -277,6 +271,7 @@ def _save(path: Path, key: CacheKey, result: AccelProbe) -> None:
     data = {
         "accel": result.accel.value, "detail": result.detail, "seconds": result.seconds,
         "qemu": key[0], "qemu_version": key[1], "kernel": key[2], "probed_at": time.time(),
+        "probe": PROBE_VERSION,
     }  # fmt: skip
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

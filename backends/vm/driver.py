@@ -113,13 +113,11 @@ class VmBackend:
         factory: FactoryConfig,
         *,
         supervisor: process.Supervisor | None = None,
-        probe_dirs: tuple[Path, ...] | None = None,
         probe_timeout: float = DEFAULT_PROBE_TIMEOUT,
         host_cache: Path | None = None,
         unpack_kernel: Callable[[Path, Path], Path] = unpack_in_child,
     ) -> None:
-        """``probe_dirs``: where a KVM probe guest is looked for (default: see
-        :meth:`_default_probe_dirs`); ``host_cache``: the host-wide folder of the probe's answer
+        """``host_cache``: the host-wide folder of the KVM probe's answer
         (default: ``$LMRUNNER_CACHE_DIR``, else /var/cache/lmrunner, read now);
         ``unpack_kernel``: how a bzImage is unpacked into the kernel cache (a child process)."""
         self.factory = factory
@@ -128,7 +126,6 @@ class VmBackend:
         host_cache = host_cache if host_cache is not None else host_cache_dir(os.environ)
         self.accel_cache = AccelCache(
             (self.root / "accel.json", host_cache / "vm-accel.json"),
-            probe_dirs if probe_dirs is not None else self._default_probe_dirs(),
             probe_timeout,
         )
         self._version: tuple[str, str] | None = None  # (qemu path, version text)
@@ -373,14 +370,6 @@ class VmBackend:
         if choice == "kvm":
             return AccelProbe(Accel.KVM, "factory.vm_accel is kvm (not probed)", 0.0)
         return self.accel_cache.get(*self._qemu())
-
-    def _default_probe_dirs(self) -> tuple[Path, ...]:
-        dirs = [self.root / "probe"]
-        if "VCBUSYBOX_OUT" in os.environ:
-            dirs.append(Path(os.environ["VCBUSYBOX_OUT"]) / "vm")
-        checkout = Path(__file__).resolve().parents[2]
-        dirs.append(checkout / "build" / "vcbusybox" / "vm")
-        return tuple(dirs)
 
     # --- internals ------------------------------------------------------------------------
 

@@ -187,12 +187,14 @@ class Handler(BaseHTTPRequestHandler):
             return None if data is None else (data, "application/octet-stream")
         if _META_JSON.fullmatch(path):
             return json.dumps(meta_data_json(self.facts), indent=1).encode(), "application/json"
-        if path.rstrip("/") in ("", "/latest", "/openstack", "/openstack/latest"):
-            top = {"": "latest\nopenstack", "/openstack": "latest"}
-            listing = top.get(path.rstrip("/"), "meta-data\nuser-data")
-            if path.startswith("/openstack/"):
-                listing = "meta_data.json\nuser_data\nvendor_data.json"
-            return listing.encode(), text
+        listings = {
+            "": "latest\nopenstack",
+            "/latest": "meta-data\nuser-data",
+            "/openstack": "latest",
+            "/openstack/latest": "meta_data.json\nuser_data\nvendor_data.json",
+        }
+        if path.rstrip("/") in listings:
+            return listings[path.rstrip("/")].encode(), text
         if re.fullmatch(rf"/openstack/{_VERSION}/vendor_data\.json", path):
             return b"{}", "application/json"
         tree_match = _EC2_TREE.fullmatch(path)

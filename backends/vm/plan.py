@@ -132,7 +132,8 @@ def plan(spec: MachineSpec) -> Plan:
 
 def _local_file(name: str, what: str) -> Path:
     if "://" in name:
-        raise SpecError(f"{what} {name!r}: VM images must be local files (no download cache)")
+        raise SpecError(f"{what} {name!r}: a URL reached the VM backend (the factory gives it "
+                        "the downloaded copy of an https:// image)")  # fmt: skip
     path = Path(name)
     if not path.is_absolute():
         raise SpecError(f"{what} {name!r}: not an absolute path")

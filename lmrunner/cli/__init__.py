@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "apel-sync": ("apelsync", "write APEL sync messages (job counts per month) into apel-outgoing"),
     "check": ("check", "validate the configuration and print the effective configuration"),
+    "images": ("images", "list downloaded images (https:// root_image) and their state"),
     "user-data": ("userdata", "print the templated user_data an LM of a machinetype would get now"),
     "import-vac-conf": ("vacimport", "convert Vac's vac.conf (and vac.d) to lmrunner YAML"),
     "config-reference": ("reference", "print the configuration reference (Markdown)"),

@@ -95,7 +95,9 @@ def validation_lines(
     """
     errors: list[str] = []
     warnings: list[str] = []
-    cache = ImageCache(config.factory.state_dir / "images", DownloadSettings.of(config.factory))
+    folder = config.factory.state_dir / "images"
+    # Only look: a check never makes the daemon's folders (it may run before the daemon did).
+    cache = ImageCache(folder, DownloadSettings.of(config.factory)) if folder.is_dir() else None
     with tempfile.TemporaryDirectory(prefix="lmrunner-check-") as scratch:
         Path(scratch).chmod(0o755)  # as a real state directory: LM accounts reach LM folders
         trial = replace(config, factory=replace(config.factory, state_dir=Path(scratch)))
@@ -108,7 +110,7 @@ def validation_lines(
                 continue
             downloaded = None
             if is_remote(mt.image):
-                downloaded = cache.cached(mt.image, mt.image_digest)
+                downloaded = None if cache is None else cache.cached(mt.image, mt.image_digest)
                 if downloaded is None:
                     later = f"the {backend.name} backend checks it once the daemon has it"
                     warnings.append(f"{where}.image: {mt.image} is not downloaded yet: {later}")

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from lmrunner import slots
 from lmrunner.backends import make_backends
 from lmrunner.backends.base import Backend
+from lmrunner.cli.check import unsupported_lines
 from lmrunner.cli.common import common_options, load
 from lmrunner.config import Config
 from lmrunner.errors import ConfigError, LmrunnerError
@@ -73,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     config = load(args)
     for warning in config.warnings:
         LOG.warning("%s", warning)
+    for line in unsupported_lines(config):  # accepted for Vac's sake, said once at start
+        LOG.warning("%s", line)
     store = Store(config.factory.state_dir)
     if args.dry_run:
         try:

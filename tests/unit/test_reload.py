@@ -14,7 +14,7 @@ import pytest
 from lmrunner.backends.base import Backend, Handle
 from lmrunner.config import Config
 from lmrunner.errors import BackendError, BackendUnavailable, MachineNotFound
-from lmrunner.reload import pinned, remade
+from lmrunner.reload import changes, pinned, remade
 from lmrunner.state import LmRecord
 from tests.unit.test_factory import Env, QuietFake, bare_record
 
@@ -277,3 +277,54 @@ def test_a_make_that_raises_leaves_the_running_backends_open(env: Env) -> None:
     with pytest.raises(OSError, match="Permission denied"):
         remade(old, new, backends, [], make, ignore)
     assert [engine.closed for engine in backends.values()] == [0, 0]
+
+
+# --- changes: what a reload says it changed -----------------------------------------------------
+
+
+def mt(**options: Any) -> dict[str, Any]:
+    return {"backend": "fake", "image": "fake:", "target_share": 1, **options}
+
+
+def test_changes_lists_added_removed_and_changed_machinetypes(env: Env) -> None:
+    old = env.config(machinetypes={"alpha": mt(), "beta": mt(), "delta": mt(), "gamma": mt()},
+                     check_files=False)  # fmt: skip
+    new = env.config(
+        machinetypes={
+            "alpha": mt(target_share=2),
+            "delta": mt(),  # unchanged: no line
+            "gamma": mt(image="fake:seconds=5", max_wallclock_seconds=3600),
+            "omega": mt(),
+        },
+        check_files=False,
+    )
+    assert changes(old, new) == [
+        "machinetype omega added",
+        "machinetype beta removed (its running LMs go on)",
+        "machinetype alpha changed: target_share",
+        "machinetype gamma changed: image, max_wallclock_seconds",  # in the options' order
+    ]
+
+
+def test_changes_of_an_unchanged_configuration_are_none(env: Env) -> None:
+    old = env.config(machinetypes={"alpha": mt()}, check_files=False)
+    assert changes(old, env.config(machinetypes={"alpha": mt()}, check_files=False)) == []
+    # Factory settings are no machinetype's: a reload reports them elsewhere.
+    changed_factory = env.config(
+        machinetypes={"alpha": mt()}, factory={"hs06_per_processor": 10.0}, check_files=False
+    )
+    assert changes(old, changed_factory) == []
+
+
+def test_reconfigure_logs_the_changes(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    old = env.config(machinetypes={"alpha": mt(), "beta": mt()}, check_files=False)
+    factory = env.factory(old)
+    new = env.config(machinetypes={"alpha": mt(fizzle_seconds=7)}, check_files=False)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        factory.reconfigure(new, Maker(env.tmp_path))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("reload: ")]
+    assert lines == [
+        "reload: machinetype beta removed (its running LMs go on)",
+        "reload: machinetype alpha changed: fizzle_seconds",
+    ]
+    assert factory.config.machinetypes.keys() == {"alpha"}

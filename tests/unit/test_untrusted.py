@@ -504,3 +504,164 @@ def test_remove_tree_unlinks_a_top_level_symlink(tmp_path: Path, outside: Path) 
 def test_remove_tree_of_a_missing_folder_is_quiet(tmp_path: Path) -> None:
     untrusted.remove_tree(tmp_path / "absent")
     assert not (tmp_path / "absent").exists()
+
+
+# --- replace ------------------------------------------------------------------------------------
+
+
+def temporaries(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".lmrunner-")]
+
+
+def test_replace_writes_a_new_file(root: Path) -> None:
+    assert untrusted.replace(root, "joboutputs/log", [b"one ", b"", b"two\n"], 100) is True
+    written = root / "joboutputs" / "log"
+    assert written.read_bytes() == b"one two\n"
+    assert stat.S_ISREG(written.lstat().st_mode)
+    assert stat.S_IMODE(written.stat().st_mode) == 0o644 & ~current_umask()
+    assert temporaries(root / "joboutputs") == []
+
+
+def test_replace_takes_any_iterable_and_a_mode(root: Path) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b"a" * 70000
+        yield b"b"
+
+    assert untrusted.replace(root, "joboutputs/gen", chunks(), 70001, mode=0o600)
+    written = root / "joboutputs" / "gen"
+    assert written.read_bytes() == b"a" * 70000 + b"b"
+    assert stat.S_IMODE(written.stat().st_mode) == 0o600
+    assert untrusted.replace(root, "joboutputs/empty", [], 0)
+    assert (root / "joboutputs" / "empty").read_bytes() == b""
+
+
+def test_replace_replaces_an_existing_file_as_a_new_inode(root: Path) -> None:
+    old = root / "joboutputs" / "heartbeat"
+    old.write_text("an old and longer heartbeat\n")
+    held = old.open("rb")  # a reader of the old file keeps reading the old file
+    before = old.stat().st_ino
+    try:
+        assert untrusted.replace(root, "joboutputs/heartbeat", [b"1"], 10)
+        assert old.read_bytes() == b"1"
+        assert old.stat().st_ino != before
+        assert held.read() == b"an old and longer heartbeat\n"
+    finally:
+        held.close()
+    assert temporaries(root / "joboutputs") == []
+
+
+@pytest.mark.parametrize("target", ["secret", "absent", "."])
+def test_replace_replaces_a_symlink_and_leaves_its_target(
+    root: Path, outside: Path, target: str
+) -> None:
+    link = root / "joboutputs" / "heartbeat"
+    link.symlink_to(outside / target)
+    assert untrusted.replace(root, "joboutputs/heartbeat", [b"payload's"], 100)
+    assert not link.is_symlink()
+    assert link.read_bytes() == b"payload's"
+    assert (outside / "secret").read_text() == "200 secret\n"
+    assert sorted(p.name for p in outside.iterdir()) == ["secret"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "device"])
+def test_replace_replaces_what_is_not_a_regular_file_without_opening_it(
+    root: Path, kind: str
+) -> None:
+    NOT_REGULAR[kind](root / "joboutputs" / "odd")
+    assert no_block(lambda: untrusted.replace(root, "joboutputs/odd", [b"x"], 10))
+    assert (root / "joboutputs" / "odd").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_replace_of_a_folder_is_false_and_leaves_it(root: Path, full: bool) -> None:
+    folder = root / "joboutputs" / "logs"
+    folder.mkdir()
+    if full:
+        (folder / "one").write_text("kept")
+    assert untrusted.replace(root, "joboutputs/logs", [b"x"], 10) is False
+    assert folder.is_dir()
+    assert [p.name for p in folder.iterdir()] == (["one"] if full else [])
+    assert temporaries(root / "joboutputs") == []
+
+
+def test_replace_through_a_symlinked_folder_raises_and_writes_nothing(
+    root: Path, outside: Path
+) -> None:
+    (root / "joboutputs").rmdir()
+    (root / "joboutputs").symlink_to(outside)
+    with pytest.raises(UntrustedFileError):
+        untrusted.replace(root, "joboutputs/secret", [b"overwritten"], 100)
+    with pytest.raises(UntrustedFileError):
+        untrusted.replace(root, "joboutputs/new", [b"x"], 100)
+    assert (outside / "secret").read_text() == "200 secret\n"
+    assert sorted(p.name for p in outside.iterdir()) == ["secret"]
+
+
+def test_replace_under_a_file_used_as_a_folder_raises(root: Path) -> None:
+    (root / "joboutputs" / "file").write_text("x")
+    with pytest.raises(UntrustedFileError):
+        untrusted.replace(root, "joboutputs/file/inner", [b"x"], 10)
+
+
+@pytest.mark.parametrize("chunks", [[b"x" * 11], [b"x" * 6, b"x" * 5], [b"x" * 10, b"y"]])
+def test_replace_over_the_limit_raises_and_leaves_nothing(root: Path, chunks: list[bytes]) -> None:
+    old = root / "joboutputs" / "log"
+    old.write_text("before")
+    with pytest.raises(UntrustedFileError, match="more than 10 bytes"):
+        untrusted.replace(root, "joboutputs/log", chunks, 10)
+    with pytest.raises(UntrustedFileError):
+        untrusted.replace(root, "joboutputs/new", chunks, 10)
+    assert old.read_text() == "before"
+    assert sorted(p.name for p in (root / "joboutputs").iterdir()) == ["log"]
+
+
+def test_replace_exactly_at_the_limit(root: Path) -> None:
+    assert untrusted.replace(root, "joboutputs/log", [b"x" * 6, b"x" * 4], 10)
+    assert (root / "joboutputs" / "log").read_bytes() == b"x" * 10
+
+
+def test_replace_stops_reading_chunks_once_over_the_limit(root: Path) -> None:
+    taken: list[int] = []
+
+    def endless() -> Iterator[bytes]:
+        while True:
+            taken.append(1)
+            yield b"z" * 1000
+
+    with pytest.raises(UntrustedFileError):
+        untrusted.replace(root, "joboutputs/log", endless(), 2500)
+    assert len(taken) == 3
+    assert temporaries(root / "joboutputs") == []
+
+
+def test_replace_removes_its_temporary_when_the_chunks_fail(root: Path) -> None:
+    def failing() -> Iterator[bytes]:
+        yield b"half"
+        raise ValueError("the body ended early")
+
+    with pytest.raises(ValueError, match="ended early"):
+        untrusted.replace(root, "joboutputs/log", failing(), 100)
+    assert list((root / "joboutputs").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "name", ["joboutputs/.lmrunner-0123456789abcdef", "joboutputs/.lmrunner-", ".lmrunner-x"]
+)
+def test_replace_refuses_its_own_temporary_names(root: Path, name: str) -> None:
+    with pytest.raises(UntrustedFileError, match="lmrunner's"):
+        untrusted.replace(root, name, [b"x"], 10)
+    assert list((root / "joboutputs").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "name", ["../escaped", "joboutputs/../../escaped", "/tmp/escaped", "", "."]
+)
+def test_replace_refuses_bad_names(root: Path, name: str) -> None:
+    with pytest.raises(UntrustedFileError):
+        untrusted.replace(root, name, [b"x"], 10)
+    assert not (root.parent / "escaped").exists()
+
+
+def test_replace_in_a_missing_folder_raises_oserror(root: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        untrusted.replace(root, "absent/log", [b"x"], 10)

@@ -328,7 +328,7 @@ def test_plan_shares_by_mount_tag_and_keeps_user_data_for_the_drive(tmp_path: Pa
     ("image", "options", "problem"),
     [
         ("relative/vmlinuz", {}, "not an absolute path"),
-        ("https://example.com/cernvm.iso", {}, "must be local files"),
+        ("https://example.com/cernvm.iso", {}, "a URL reached the VM backend"),
         ("/nonexistent/disk.img", {}, "not a readable file"),
         ("vmlinuz", {"vm_initrd": "/nonexistent/initrd"}, "vm_initrd /nonexistent/initrd"),
     ],

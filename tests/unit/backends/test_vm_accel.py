@@ -231,17 +231,6 @@ def test_host_architecture_defaults_to_platform_machine(
     assert [call["timeout"] for call in fake.calls] == [vm.DEFAULT_PROBE_TIMEOUT]
 
 
-def test_former_probe_guest_arguments_are_accepted_and_ignored(
-    monkeypatch: pytest.MonkeyPatch, dev_kvm: Path
-) -> None:
-    fake = FakeQemu(99)
-    monkeypatch.setattr(runner, "run", fake)
-    got = vm.probe_accel("qemu", Path("/no/vmlinuz"), Path("/no/initrd"), dev_kvm=dev_kvm,
-                         machine="x86_64")  # fmt: skip
-    assert got.accel is vm.Accel.KVM
-    assert "/no/vmlinuz" not in " ".join(fake.calls[0]["argv"])
-
-
 # --- the cache --------------------------------------------------------------------------------
 
 

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 import yaml
 
 from lmrunner import loader as config_mod
+from lmrunner.backends.base import Backend, MachineSpec
+from lmrunner.backends.fake import FakeBackend
 from lmrunner.cli import main
+from lmrunner.cli.check import validation_lines
 from lmrunner.cli.reference import render
+from lmrunner.errors import BackendUnavailable, SpecError
+from lmrunner.images import DownloadSettings, ImageCache
+from lmrunner.loader import load_config
+from tests.unit.test_images import ImageServer, Resource
 
 REPO = Path(__file__).resolve().parents[3]
 VAC_DATA = REPO / "tests" / "data" / "vac"
@@ -289,3 +297,156 @@ def test_reference_marks_unsupported_options() -> None:
     assert "| `root_public_key`, `rootpublickey` |" in text
     assert "| `user_data_proxy_cert` |" in text
     assert "| `log_machineoutputs` | obsolete" in text
+
+
+# --- check: each machinetype validated by its backend ---------------------------------------------
+
+
+class Recording(FakeBackend):
+    """The fake backend, remembering what validate was given (and raising ``fault``)."""
+
+    def __init__(self, tmp_path: Path, fault: Exception | None = None) -> None:
+        super().__init__(tmp_path / "fake-engine")
+        self.fault = fault
+        self.validated: dict[str, MachineSpec] = {}
+
+    def validate(self, spec: MachineSpec) -> None:
+        self.validated[spec.machinetype] = spec
+        if self.fault is not None:
+            raise self.fault
+
+
+def _site(tmp_path: Path, machinetypes: str, factory: str = "") -> Path:
+    path = tmp_path / "site.yaml"
+    path.write_text(
+        f"factory:\n  space: space.example.com\n  state_dir: {tmp_path / 'state'}\n{factory}"
+        f"machinetypes:\n{machinetypes}"
+    )
+    return path
+
+
+def _fake_type(name: str, image: str, extra: str = "") -> str:
+    return f"  {name}:\n    backend: fake\n    image: '{image}'\n    target_share: 1\n{extra}"
+
+
+def _validate(path: Path, backends: Mapping[str, Backend]) -> tuple[list[str], list[str]]:
+    return validation_lines(load_config(path), backends)
+
+
+def test_validation_of_a_good_machinetype_says_nothing(tmp_path: Path) -> None:
+    backend = Recording(tmp_path)
+    path = _site(tmp_path, _fake_type("alpha", "fake:seconds=5"))
+    assert _validate(path, {"fake": backend}) == ([], [])
+    spec = backend.validated["alpha"]
+    assert spec.image == "fake:seconds=5"
+    assert not spec.directory.is_relative_to(tmp_path / "state")  # built in a scratch folder
+    assert not spec.directory.exists()  # and that is gone
+
+
+def test_validation_turns_a_spec_error_into_an_error_naming_the_machinetype(
+    tmp_path: Path,
+) -> None:
+    path = _site(tmp_path, _fake_type("alpha", "fake:") + _fake_type("broken", "fake:bogus=1"))
+    errors, warnings = _validate(path, {"fake": FakeBackend(tmp_path / "fake-engine")})
+    assert errors == ["machinetypes.broken: fake: unknown key 'bogus' in image 'fake:bogus=1'"]
+    assert warnings == []
+
+
+def test_validation_reports_a_backends_own_spec_error(tmp_path: Path) -> None:
+    backend = Recording(tmp_path, SpecError("memory_gb: 3 is not enough for this engine"))
+    path = _site(tmp_path, _fake_type("alpha", "fake:"))
+    errors, warnings = _validate(path, {"fake": backend})
+    assert errors == ["machinetypes.alpha: memory_gb: 3 is not enough for this engine"]
+    assert warnings == []
+
+
+def test_validation_warns_about_what_it_cannot_check(tmp_path: Path) -> None:
+    backend = Recording(tmp_path, BackendUnavailable("fake", "engine down"))
+    path = _site(tmp_path, _fake_type("alpha", "fake:"))
+    errors, warnings = _validate(path, {"fake": backend})
+    assert errors == []
+    assert warnings == ["machinetypes.alpha: not validated: fake: engine down"]
+
+
+def test_validation_warns_about_a_backend_missing_here(tmp_path: Path) -> None:
+    path = _site(tmp_path, _fake_type("alpha", "fake:"))
+    assert _validate(path, {}) == (
+        [],
+        ["machinetypes.alpha: backend fake is not usable here: not validated"],
+    )
+
+
+def test_validation_of_a_remote_image_not_downloaded_is_a_warning(tmp_path: Path) -> None:
+    backend = Recording(tmp_path)
+    url = "https://images.example.com/vo/cernvm4.iso"
+    path = _site(tmp_path, _fake_type("remote", url) + _fake_type("local", "fake:"))
+    errors, warnings = _validate(path, {"fake": backend})
+    assert errors == []
+    assert warnings == [
+        f"machinetypes.remote.image: {url} is not downloaded yet: the fake backend checks it "
+        "once the daemon has it"
+    ]
+    assert set(backend.validated) == {"local"}  # nothing to validate the remote one with
+
+
+def test_validation_uses_the_daemons_downloaded_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+                 "ALL_PROXY"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setattr("socket.getfqdn", lambda name="": "vac01.example.com")  # HTTPServer's
+    server = ImageServer()
+    server.resources["/cernvm4.iso"] = Resource()
+    try:
+        path = _site(tmp_path, _fake_type("remote", server.url()), "  allow_http: true\n")
+        config = load_config(path)
+        daemons = ImageCache(tmp_path / "state" / "images", DownloadSettings.of(config.factory))
+        copy = daemons.wait(server.url(), 10).path
+        daemons.close()
+        assert copy is not None
+        backend = Recording(tmp_path)
+        assert _validate(path, {"fake": backend}) == ([], [])
+        assert backend.validated["remote"].image == str(copy)  # the copy, not the URL
+        # The real fake backend refuses any image but its scripts: an error, as a start would.
+        errors, _ = _validate(path, {"fake": FakeBackend(tmp_path / "fake-engine")})
+        assert errors == [f"machinetypes.remote: fake: image '{copy}' must start with 'fake:'"]
+        assert server.count() == 1  # check downloads nothing itself
+    finally:
+        server.stop()
+
+
+def test_validation_leaves_the_real_state_dir_alone(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    before = sorted(state.rglob("*"))
+    backend = Recording(tmp_path)
+    path = _site(tmp_path, _fake_type("alpha", "fake:", "    user_data_options: {a: b}\n"))
+    assert _validate(path, {"fake": backend}) == ([], [])
+    assert backend.validated["alpha"].directory.parent.name == "machines"  # in the scratch one
+    assert not (state / "machines").exists()
+    assert [p for p in sorted(state.rglob("*")) if p.name != "images"] == before
+    assert list(tmp_path.glob("**/machines")) == []
+
+
+def test_validation_creates_no_state_dir_that_was_not_there(tmp_path: Path) -> None:
+    """``lmrunner check`` before the daemon ever ran (or as another account): it must not make
+    the state directory (the scratch one is elsewhere)."""
+    path = _site(tmp_path, _fake_type("alpha", "fake:"))
+    assert _validate(path, {"fake": Recording(tmp_path)}) == ([], [])
+    assert not (tmp_path / "state").exists(), sorted((tmp_path / "state").rglob("*"))
+
+
+def test_check_fails_on_a_spec_error_of_a_backend(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _site(tmp_path, _fake_type("broken", "fake:bogus=1"))
+    assert main(["check", "--config", str(path), "--no-probe"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "lmrunner: error: machinetypes.broken: fake: unknown key 'bogus' in image 'fake:bogus=1'\n"
+    )
+    # --skip-file-checks skips the validation too.
+    assert main(["check", "--config", str(path), "--no-probe", "--skip-file-checks", "-q"]) == 0
