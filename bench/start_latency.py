@@ -71,6 +71,7 @@ def main() -> None:
     engine = importlib.import_module(f"latency_{args.backend}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        folder.chmod(0o755)  # as a real state directory: LM accounts reach their LM's folder
         user_data = folder / "user_data"
         user_data.write_text(engine.PAYLOAD)
         user_data.chmod(0o755)

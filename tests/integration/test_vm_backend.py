@@ -12,6 +12,7 @@ import json
 import pwd
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +34,16 @@ pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
 #: A TCG boot of vcbusybox takes 5-15 s on a busy 2-core host.
 BOOT_TIMEOUT = 120.0
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A 0755 folder outside pytest's 0700 tree, shadowing pytest's ``tmp_path`` here: QEMU's
+    account (sc_user) runs each LM's metadata service, which must reach the LM's folder."""
+    top = Path(tempfile.mkdtemp(prefix="lmrunner-vm-test-"))
+    top.chmod(0o755)
+    yield top
+    shutil.rmtree(top, ignore_errors=True)
 
 
 def make_config(
@@ -242,7 +253,7 @@ def test_the_config_drive_reads_back_with_standard_iso_tools(
         assert (meta["uuid"], meta["hostname"], meta["name"]) == (lm.uuid, lm.name, lm.name)
         assert meta["availability_zone"] == "vmtest.example.com"
         assert meta["meta"]["machinetype"] == "vmtest"
-        assert meta["meta"]["joboutputs"] == "/var/spool/joboutputs"
+        assert meta["meta"]["joboutputs"] == "http://169.254.169.253/joboutputs"  # as Vac's
         ec2 = json.loads(extract("/ec2/latest/meta-data.json"))
         assert (ec2["instance-id"], ec2["local-hostname"]) == (lm.uuid, lm.name)
     finally:
