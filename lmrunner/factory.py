@@ -19,7 +19,6 @@ import logging
 import os
 import queue
 import random
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -69,6 +68,27 @@ class PassReport:
     blocked: str | None = None
 
 
+class Flag:
+    """A request flag a signal handler may set at any moment. Not a threading.Event: its
+    set() takes the lock its clear() holds, so a SIGHUP landing inside the loop's clear()
+    deadlocked the daemon (seen in CI's SIGHUP storm). A plain attribute is atomic under the
+    GIL, and clearing before acting loses no request: one set after the clear acts again."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 class Factory:
     """Runs LMs for one configuration on one host."""
 
@@ -103,8 +123,8 @@ class Factory:
         # request_stop) can wake the loop even when the signal lands inside a get() or put()
         # of the main thread; queue.Queue's lock would deadlock the daemon there.
         self.events: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self.stopping_requested = threading.Event()
-        self.reload_requested = threading.Event()
+        self.stopping_requested = Flag()
+        self.reload_requested = Flag()
         self.state_dir = statedir.Watch(store, tuning.min_free_bytes, clock)
         self.started_at = clock()
         self.unavailable: dict[str, str] = {}  # backend -> why (its machinetypes do not start)

@@ -12,6 +12,8 @@ import os
 import signal
 import sqlite3
 import stat
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -490,6 +492,41 @@ def test_a_reload_runs_before_the_pass_not_inside_it(
 
     factory.run(once=True, reload=reload)  # asked once, done once
     assert order == ["pass", "reload", "pass", "pass"]
+
+
+STORM = """
+import queue, signal, time
+from lmrunner.factory import Flag
+flag, events, signals = Flag(), queue.SimpleQueue(), [0]
+def hangup(signum, frame):  # what Factory.request_reload does
+    signals[0] += 1
+    flag.set()
+    events.put("")
+signal.signal(signal.SIGALRM, hangup)
+signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+end = time.monotonic() + 1.5
+while time.monotonic() < end:  # what Factory.run does between two passes
+    if flag.is_set():
+        flag.clear()
+    flag.clear()  # the narrow window, widened: most of the time is spent inside clear()
+    try:
+        events.get_nowait()
+    except queue.Empty:
+        pass
+signal.setitimer(signal.ITIMER_REAL, 0)
+print(signals[0])
+"""
+
+
+@pytest.mark.allow_subprocess
+def test_a_signal_storm_on_the_request_flags_never_deadlocks_the_loop() -> None:
+    # A threading.Event here hung the daemon: set() in the handler waited for the lock that the
+    # interrupted clear() held (CI's SIGHUP storm). A storm every millisecond for 1.5 s finds it.
+    done = subprocess.run(
+        [sys.executable, "-c", STORM], capture_output=True, text=True, timeout=20, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout) > 10  # the storm did happen
 
 
 def test_a_failing_reload_does_not_stop_the_pass(
