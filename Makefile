@@ -3,10 +3,11 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo bootstrap lint typecheck test-host test-v2 images image bench clean
+.PHONY: test demo bootstrap lint typecheck test-host test-v2 test-systemd images image bench clean
 
 ## test: bootstrap, ruff, mypy --strict, pytest on the host, then the cgroup-v2 tests in a guest
-test: bootstrap lint typecheck test-host test-v2
+## and the systemd-host tests in the modern-host test bed
+test: bootstrap lint typecheck test-host test-v2 test-systemd
 
 ## demo: bootstrap, then a factory on examples/demo.yaml with `lmrunner ps` while LMs run
 demo: bootstrap
@@ -20,7 +21,8 @@ lint:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	bash -n scripts/bootstrap scripts/install-apptainer scripts/test-v2-guest scripts/typecheck \
-	  scripts/build-image scripts/demo images/vcbusybox/build
+	  scripts/build-image scripts/demo images/vcbusybox/build scripts/build-systemd-guest \
+	  scripts/test-systemd-guest
 	sh -n images/vcbusybox/init
 
 typecheck:
@@ -28,12 +30,17 @@ typecheck:
 
 ## test-host: unit, contract and integration tests (docker, apptainer, qemu, cgroup_v1) here
 test-host:
-	$(PY) -m pytest -m "not cgroup_v2" tests
+	$(PY) -m pytest -m "not cgroup_v2 and not systemd_host" tests
 
 ## test-v2: inside a virtme-ng guest (Debian kernel, TCG, pure cgroup v2): the cgroup_v2 tests
 ## and the Apptainer contract suite (the apptainer-marked tests of tests/contract)
 test-v2:
 	scripts/test-v2-guest
+
+## test-systemd: the systemd_host tests in a full Debian 12 guest (systemd as PID 1, pure cgroup
+## v2, dockerd at its systemd cgroup driver, lmrunner installed from its wheel); TCG here
+test-systemd:
+	scripts/test-systemd-guest
 
 ## images: (re)build vcbusybox in its three formats
 images:
