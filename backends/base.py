@@ -83,14 +83,20 @@ class NoOptions:
 class LmCgroup:
     """The LM's cgroup, created and limited by the core before ``start``.
 
-    Process backends start their engine inside it (``procs_files``, see
-    :mod:`lmrunner.process`); engines that make their own cgroup (Docker) put it below
-    ``engine_path``. Usage, OOM kills and the final kill/removal are the core's business.
+    Process backends start their engine inside it (``procs_files``, or through ``launcher``
+    where systemd owns the tree: see :mod:`lmrunner.process`); engines that make their own
+    cgroup (Docker) put it below ``engine_path``, or in the systemd slice ``engine_unit`` with
+    Docker's systemd cgroup driver. Usage, OOM kills and the final kill/removal are the core's
+    business.
     """
 
     ref: CgroupRef
     procs_files: tuple[Path, ...]
     engine_path: str | None
+    engine_unit: str | None = None
+    #: Given the account to run as, the argv prefix that runs an engine inside the LM under
+    #: that account (it switches the user itself); None where ``procs_files`` do the job.
+    launcher: Callable[[tuple[int, int] | None], tuple[str, ...]] | None = None
 
 
 class EngineState(StrEnum):

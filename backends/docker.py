@@ -111,6 +111,7 @@ class DockerBackend:
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
         self._outages: list[tuple[float, float]] = []  # when the event stream was down
+        self._driver: str | None = None  # dockerd's cgroup driver, from the probe
 
     @property
     def client(self) -> Any:
@@ -170,11 +171,7 @@ class DockerBackend:
                 pids_limit=spec.limits.pids or None,
                 # Below the LM's cgroup, whose limits and counters then cover the container;
                 # runc makes the container's own cgroup there and removes it with the container.
-                cgroup_parent=(
-                    spec.cgroup.engine_path
-                    if spec.cgroup is not None and spec.cgroup.engine_path is not None
-                    else self.cgroup_parent
-                ),
+                cgroup_parent=self._cgroup_parent(spec),
                 security_opt=["no-new-privileges"],
                 cap_drop=["ALL"],
                 cap_add=capabilities,
@@ -313,15 +310,37 @@ class DockerBackend:
         except LmrunnerError as err:
             return Probe(Health.UNAVAILABLE, version, f"unavailable: {err}")
         driver = str(info.get("CgroupDriver", "cgroupfs")) if isinstance(info, dict) else "?"
-        if driver == "systemd":
-            # Containers go inside their LM's cgroup (a path), which systemd's driver refuses.
-            return Probe(
-                Health.UNAVAILABLE,
-                version,
-                "unavailable: dockerd uses the systemd cgroup driver; lmrunner needs "
-                "--exec-opt native.cgroupdriver=cgroupfs",
-            )
-        return Probe(Health.OK, version, f"API {'.'.join(map(str, api))}, cgroup driver {driver}")
+        self._driver = driver
+        where = "in each LM's slice" if driver == "systemd" else "below each LM's cgroup"
+        return Probe(
+            Health.OK,
+            version,
+            f"API {'.'.join(map(str, api))}, cgroup driver {driver} (containers {where})",
+        )
+
+    def _cgroup_parent(self, spec: MachineSpec) -> str:
+        """Where runc makes the container's cgroup: inside the LM's cgroup, named as dockerd's
+        cgroup driver wants it.
+
+        Docker's systemd driver takes only a slice (``docker-<id>.scope`` goes in it): the LM's
+        slice where systemd manages the LM cgroups (``engine_unit``); the cgroupfs driver takes a
+        path. An LM cgroup that is a plain directory has only a path: with the systemd driver,
+        dockerd refuses it and says why.
+        """
+        cgroup = spec.cgroup
+        if cgroup is None:
+            if self._driver == "systemd":
+                return "-".join(self.cgroup_parent.strip("/").split("/")) + ".slice"
+            return self.cgroup_parent
+        if cgroup.engine_unit is None:
+            return cgroup.engine_path if cgroup.engine_path is not None else self.cgroup_parent
+        if self._driver is None:
+            with self._engine_errors("cannot ask Docker its cgroup driver", StartError):
+                info = self.client.info()
+            self._driver = str(info.get("CgroupDriver", "cgroupfs"))
+        if self._driver == "systemd" or cgroup.engine_path is None:
+            return cgroup.engine_unit
+        return cgroup.engine_path
 
     def _watch(self, notify: Callable[[str], None]) -> None:
         """Follow Docker's events; after a break (dockerd restart), tell the core to look at all.

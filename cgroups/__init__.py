@@ -12,6 +12,7 @@ from pathlib import Path, PurePosixPath
 
 from lmrunner.cgroups.base import CgroupController, CgroupRef, Usage
 from lmrunner.cgroups.mountinfo import CgroupMounts, Mode, detect, own_cgroups, parse
+from lmrunner.cgroups.systemd import SystemdController, is_systemd_booted
 from lmrunner.cgroups.v1 import OPTIONAL, REQUIRED, V1Controller
 from lmrunner.cgroups.v2 import V2Controller
 from lmrunner.errors import CgroupError, CgroupUnsupported
@@ -21,6 +22,7 @@ __all__ = [
     "CgroupMounts",
     "CgroupRef",
     "Mode",
+    "SystemdController",
     "Usage",
     "V1Controller",
     "V2Controller",
@@ -69,8 +71,11 @@ def open_controller(
     proc_cgroup_path: Path = Path("/proc/self/cgroup"),
     root_override: Path | None = None,
     memory_high_ratio: float = 0.95,
+    manager: str = "auto",
+    systemd_dir: Path = Path("/run/systemd/system"),
 ) -> CgroupController:
-    """The controller for this host: v2 when unified, v1 on hybrid and legacy hosts.
+    """The controller for this host: v2 when unified (through systemd's slices when ``manager``
+    is ``systemd``, or ``auto`` and systemd is PID 1), v1 on hybrid and legacy hosts.
 
     On hybrid hosts the v1 controllers hold the limits (their cgroup2 mount usually has no
     controller enabled). A ``parent`` starting with ``/`` is taken from each hierarchy's root, as
@@ -87,6 +92,10 @@ def open_controller(
         raise CgroupUnsupported(f"cannot read the cgroup layout: {err}") from err
     if mounts.mode is Mode.UNIFIED:
         assert mounts.v2 is not None
+        if manager == "systemd" or (manager == "auto" and is_systemd_booted(systemd_dir)):
+            return SystemdController(
+                _reroot(mounts.v2, root_override), parent, memory_high_ratio=memory_high_ratio
+            )
         return V2Controller(
             _reroot(mounts.v2, root_override), parent, memory_high_ratio=memory_high_ratio
         )

@@ -205,6 +205,17 @@ class CgroupController(Protocol):
         between v1 hierarchies and no single path names it."""
         ...
 
+    def engine_unit(self, ref: CgroupRef) -> str | None:
+        """The cgroup's systemd slice when systemd manages it (Docker's systemd cgroup driver
+        takes it as ``cgroup_parent``); None when the cgroup is a plain directory."""
+        ...
+
+    def launcher(self, ref: CgroupRef, user: tuple[int, int] | None) -> tuple[str, ...]:
+        """An argv prefix that starts a command inside the cgroup as ``user`` (it switches the
+        account itself), for hosts where a process may not write itself into ``procs_files``
+        (systemd's tree); empty where :meth:`procs_files` does the job."""
+        ...
+
     def remove(self, ref: CgroupRef) -> None:
         """Remove the (empty) cgroup; removing one that is gone already is no error."""
         ...

@@ -230,6 +230,12 @@ class V1Controller:
             return None
         return CgroupRef(version=1, name=name, paths=paths)
 
+    def engine_unit(self, ref: CgroupRef) -> str | None:
+        return None  # no systemd unit: engines take the path
+
+    def launcher(self, ref: CgroupRef, user: tuple[int, int] | None) -> tuple[str, ...]:
+        return ()  # processes enter by writing procs_files
+
     def engine_path(self, ref: CgroupRef) -> str | None:
         relative = set()
         for controller, path in self._paths(ref).items():

@@ -45,6 +45,27 @@ CONTROLLERS = ("cpu", "memory", "pids")
 HIERARCHY = "unified"
 
 
+def read_usage(path: Path) -> Usage:
+    """Read cpu.stat, memory.current, memory.peak, memory.events and memory.stat of ``path``.
+
+    ``memory.events`` counts the cgroup's whole subtree (``memory.events.local`` does not).
+    """
+    cpu = read_keyed(path / "cpu.stat")
+    events = read_keyed(path / "memory.events")
+    stat = read_keyed(path / "memory.stat")
+    peak_file = path / "memory.peak"
+    return Usage(
+        cpu_seconds=cpu.get("usage_usec", 0) / 1e6,
+        memory_bytes=read_int(path / "memory.current"),
+        memory_peak_bytes=read_int(peak_file) if peak_file.exists() else None,
+        oom_kills=events.get("oom_kill", 0),
+        throttled_periods=cpu.get("nr_throttled", 0),
+        throttled_seconds=cpu.get("throttled_usec", 0) / 1e6,
+        memory_anon_bytes=stat.get("anon"),
+        memory_file_bytes=stat.get("file"),
+    )
+
+
 class V2Controller:
     """cgroup v2 driver: LM cgroups at ``root``/``parent``/``name``."""
 
@@ -132,25 +153,7 @@ class V2Controller:
         return tree_pids([self._path(ref)])
 
     def usage(self, ref: CgroupRef) -> Usage:
-        """Read cpu.stat, memory.current, memory.peak, memory.events and memory.stat.
-
-        ``memory.events`` counts the cgroup's whole subtree (``memory.events.local`` does not).
-        """
-        path = self._path(ref)
-        cpu = read_keyed(path / "cpu.stat")
-        events = read_keyed(path / "memory.events")
-        stat = read_keyed(path / "memory.stat")
-        peak_file = path / "memory.peak"
-        return Usage(
-            cpu_seconds=cpu.get("usage_usec", 0) / 1e6,
-            memory_bytes=read_int(path / "memory.current"),
-            memory_peak_bytes=read_int(peak_file) if peak_file.exists() else None,
-            oom_kills=events.get("oom_kill", 0),
-            throttled_periods=cpu.get("nr_throttled", 0),
-            throttled_seconds=cpu.get("throttled_usec", 0) / 1e6,
-            memory_anon_bytes=stat.get("anon"),
-            memory_file_bytes=stat.get("file"),
-        )
+        return read_usage(self._path(ref))
 
     def _set_frozen(self, ref: CgroupRef, frozen: bool, timeout: float) -> None:
         path = self._path(ref)
@@ -200,6 +203,12 @@ class V2Controller:
 
     def engine_path(self, ref: CgroupRef) -> str | None:
         return "/" + self._path(ref).relative_to(self.root).as_posix()
+
+    def engine_unit(self, ref: CgroupRef) -> str | None:
+        return None  # no systemd unit: engines take the path
+
+    def launcher(self, ref: CgroupRef, user: tuple[int, int] | None) -> tuple[str, ...]:
+        return ()  # processes enter by writing procs_files
 
     def remove(self, ref: CgroupRef) -> None:
         rmdir_tree(self._path(ref))

@@ -48,6 +48,14 @@ class MjfEnvStyle(StrEnum):
     AUTO = "auto"  # http for VMs that have the metadata service, path for everything else
 
 
+class CgroupManager(StrEnum):
+    """Who makes the LM cgroups on a cgroup v2 host (lmrunner.cgroups.open_controller)."""
+
+    AUTO = "auto"  # systemd where systemd is PID 1, else cgroupfs
+    SYSTEMD = "systemd"  # transient slices through systemd (its rules: one writer per subtree)
+    CGROUPFS = "cgroupfs"  # directories lmrunner writes itself
+
+
 @dataclass(frozen=True, slots=True)
 class FactoryConfig:
     """The ``factory:`` section (Vac's ``[settings]``)."""
@@ -109,6 +117,13 @@ class FactoryConfig:
         "path in every hierarchy, as Docker needs); path: under lmrunner's own cgroup (v1).",
         pattern=r"/?[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*",
         pattern_text="a cgroup path such as /lmrunner",
+    )
+    cgroup_manager: CgroupManager = option(
+        CgroupManager.AUTO,
+        "Who makes the LM cgroups on a cgroup v2 host: 'systemd' (each LM a transient slice in "
+        "<cgroup_parent>.slice, as systemd's delegation rules and Docker's systemd cgroup "
+        "driver need), 'cgroupfs' (directories under cgroup_parent) or 'auto' (systemd when "
+        "systemd is PID 1). v1 hosts always use cgroupfs.",
     )
     cgroup_delegate: bool = option(
         False,

@@ -7,6 +7,7 @@ crash left one unrecorded. The host's controller (v1 or v2) is chosen once, in
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from lmrunner.backends.base import LmCgroup
 from lmrunner.cgroups import CgroupController, CgroupRef, Usage, open_controller
@@ -24,7 +25,11 @@ def host_cgroups(factory: FactoryConfig) -> CgroupController | None:
     """The host's cgroup controller for ``factory.cgroup_parent``; None (logged) when this host
     gives lmrunner no cgroups, in which case only engines with their own limits enforce any."""
     try:
-        return open_controller(factory.cgroup_parent, memory_high_ratio=factory.memory_high_ratio)
+        return open_controller(
+            factory.cgroup_parent,
+            memory_high_ratio=factory.memory_high_ratio,
+            manager=factory.cgroup_manager.value,
+        )
     except CgroupUnsupported as err:
         LOG.warning("no cgroups for LMs (limits only where the engine sets them): %s", err)
         return None
@@ -91,6 +96,10 @@ class LmCgroups:
             ref=ref,
             procs_files=self.controller.procs_files(ref),
             engine_path=self.controller.engine_path(ref),
+            engine_unit=self.controller.engine_unit(ref),
+            launcher=partial(self.controller.launcher, ref)
+            if self.controller.launcher(ref, None)
+            else None,
         )
 
     def remove(self, record: LmRecord) -> bool:

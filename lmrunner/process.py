@@ -169,11 +169,13 @@ class Supervisor:
         status_file: Path,
         log_file: Path,
         procs_files: Sequence[Path] = (),
+        launcher: Callable[[tuple[int, int] | None], Sequence[str]] | None = None,
         user: tuple[int, int] | None = None,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
     ) -> ProcessId:
-        """Start ``argv`` in the cgroup whose ``cgroup.procs`` files are given, as ``user``.
+        """Start ``argv`` in the cgroup whose ``cgroup.procs`` files are given, as ``user``; or,
+        where systemd owns the cgroup tree, behind the ``launcher`` prefix made for ``user``.
 
         Output goes to ``log_file``. ``key`` (the LM's uuid) is what the notify callback gets.
 
@@ -181,6 +183,9 @@ class Supervisor:
             CommandError: it could not be started (carries argv and the reason).
         """
         args = [str(a) for a in argv]
+        if launcher is not None:  # it enters the LM's cgroup and becomes ``user`` itself
+            args = [*launcher(user), *args]
+            user = None
         status_file.unlink(missing_ok=True)
         try:
             with log_file.open("ab") as log:

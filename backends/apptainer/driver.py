@@ -220,6 +220,7 @@ class ApptainerBackend:
                 status_file=paths.status,
                 log_file=paths.log,
                 procs_files=spec.cgroup.procs_files if spec.cgroup else (),
+                launcher=spec.cgroup.launcher if spec.cgroup else None,
                 user=spec.owner,
                 env=process_env(binary, spec, paths),
                 cwd=paths.workdir,

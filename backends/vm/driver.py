@@ -211,6 +211,7 @@ class VmBackend:
                 status_file=vm_dir / EXIT,
                 log_file=spec.directory / QEMU_LOG,
                 procs_files=spec.cgroup.procs_files if spec.cgroup else (),
+                launcher=spec.cgroup.launcher if spec.cgroup else None,
                 env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
                 cwd=vm_dir,
             )

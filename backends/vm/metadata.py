@@ -49,6 +49,9 @@ MJF_ADDRESS = "169.254.169.253"
 MJF_URL = f"http://{MJF_ADDRESS}"
 #: The LM folder's file with what this service says about its LM (written by the VM backend).
 METADATA_FILE = "metadata.json"
+#: A lingering close reads and drops at most this much, for at most this long.
+LINGER_BYTES = 1 << 20
+LINGER_SECONDS = 0.5  # the guest is a local slirp link away
 #: Largest file one PUT may write into joboutputs (logs, heartbeats, shutdown_message).
 PUT_LIMIT = 64 * 1024 * 1024
 #: Largest user_data or MJF value served (they are lmrunner's files, this is a safety net).
@@ -303,6 +306,20 @@ def serve(connection: socket.socket, lm_dir: Path) -> None:
     connection.settimeout(IDLE_SECONDS)
     with contextlib.suppress(OSError, ValueError):
         handler(connection, ("guest", 0), None)
+    _linger(connection)
+
+
+def _linger(connection: socket.socket) -> None:
+    """A lingering close (RFC 9112 section 9.6): after an early answer (400, 413, 414) the
+    guest may still be sending; closing with its bytes unread makes the kernel send a reset,
+    which destroys the answer before the guest reads it. So: no more writes, then read and drop
+    what comes, bounded in bytes and time."""
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_WR)
+        connection.settimeout(LINGER_SECONDS)
+        left = LINGER_BYTES
+        while left > 0 and (chunk := connection.recv(min(65536, left))):
+            left -= len(chunk)
 
 
 def command(lm_dir: Path, owner: tuple[int, int]) -> tuple[str, ...] | None:

@@ -87,7 +87,7 @@ def test_docker_probe_checks_the_api_version(api: str, ok: bool) -> None:
     assert (probe.health is Health.OK) is ok
 
 
-def test_docker_probe_refuses_the_systemd_cgroup_driver() -> None:
+def test_docker_probe_takes_the_systemd_cgroup_driver_and_says_so() -> None:
     class Client:
         def version(self) -> dict[str, str]:
             return {"ApiVersion": "1.41", "Version": "20.10.24"}
@@ -96,5 +96,5 @@ def test_docker_probe_refuses_the_systemd_cgroup_driver() -> None:
             return {"CgroupDriver": "systemd"}
 
     probe = DockerBackend(client_factory=Client).probe()
-    assert probe.health is Health.UNAVAILABLE
-    assert "native.cgroupdriver=cgroupfs" in probe.detail
+    assert probe.health is Health.OK
+    assert "cgroup driver systemd (containers in each LM's slice)" in probe.detail

@@ -115,6 +115,12 @@ class FakeCgroups:
     def engine_path(self, ref: CgroupRef) -> str | None:
         return f"/lmrunner/{self._name(ref)}"
 
+    def engine_unit(self, ref: CgroupRef) -> str | None:
+        return None
+
+    def launcher(self, ref: CgroupRef, user: tuple[int, int] | None) -> tuple[str, ...]:
+        return ()
+
     def names(self) -> list[str]:
         return sorted(self.live)
 
@@ -521,7 +527,7 @@ def test_host_cgroups_uses_the_configured_parent(env: Env, monkeypatch: pytest.M
     monkeypatch.setattr("lmrunner.lmcgroups.open_controller", open_controller)
     config = env.config(factory={"cgroup_parent": "/sites/lmrunner", "memory_high_ratio": 0.9})
     assert host_cgroups(config.factory) is fake
-    assert opened == [("/sites/lmrunner", {"memory_high_ratio": 0.9})]
+    assert opened == [("/sites/lmrunner", {"memory_high_ratio": 0.9, "manager": "auto"})]
 
 
 # --- accounting happens once ----------------------------------------------------------------

@@ -368,22 +368,22 @@ def test_sample_memory_leaves_the_kernels_peak_to_the_kernel(
 def test_host_cgroups_opens_the_configured_parent(
     env: Env, fake: FakeCgroups, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    asked: list[tuple[str, float]] = []
+    asked: list[tuple[str, float, str]] = []
 
-    def opened(parent: str, *, memory_high_ratio: float) -> FakeCgroups:
-        asked.append((parent, memory_high_ratio))
+    def opened(parent: str, *, memory_high_ratio: float, manager: str) -> FakeCgroups:
+        asked.append((parent, memory_high_ratio, manager))
         return fake
 
     monkeypatch.setattr(lmcgroups, "open_controller", opened)
     config = env.config(factory={"cgroup_parent": "/site/lms", "memory_high_ratio": 0.9})
     assert host_cgroups(config.factory) is fake
-    assert asked == [("/site/lms", 0.9)]
+    assert asked == [("/site/lms", 0.9, "auto")]
 
 
 def test_host_cgroups_is_none_and_logged_when_the_host_has_none(
     env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def unsupported(parent: str, *, memory_high_ratio: float) -> FakeCgroups:
+    def unsupported(parent: str, *, memory_high_ratio: float, manager: str) -> FakeCgroups:
         raise CgroupUnsupported("no cgroup filesystem is mounted")
 
     monkeypatch.setattr(lmcgroups, "open_controller", unsupported)

@@ -121,3 +121,37 @@ def test_the_limits_are_still_set_on_the_container(tmp_path: Path, client: FakeC
         2048 << 20,
         100,
     )
+
+
+@dataclass
+class DriverClient(FakeClient):
+    driver: str = "systemd"
+
+    def info(self) -> dict[str, str]:
+        return {"CgroupDriver": self.driver}
+
+
+SLICE = "lmrunner-lm_u1.slice"
+
+
+@pytest.mark.parametrize(
+    ("driver", "expected"),
+    [("systemd", SLICE), ("cgroupfs", "/lmrunner.slice/lmrunner-lm_u1.slice")],
+)
+def test_an_lm_slice_is_named_as_the_cgroup_driver_wants(
+    tmp_path: Path, driver: str, expected: str
+) -> None:
+    """Docker's systemd driver takes only a slice; its cgroupfs driver takes the slice's path."""
+    client = DriverClient(driver=driver)
+    backend = DockerBackend(client_factory=lambda: client)
+    cgroup = LmCgroup(REF, (), "/lmrunner.slice/lmrunner-lm_u1.slice", engine_unit=SLICE)
+    assert created_with(backend, client, spec(tmp_path, cgroup))["cgroup_parent"] == expected
+
+
+def test_without_a_cgroup_the_systemd_driver_gets_the_parent_slice(tmp_path: Path) -> None:
+    client = DriverClient(driver="systemd")
+    backend = DockerBackend(cgroup_parent="/sites/lms", client_factory=lambda: client)
+    backend._driver = "systemd"  # as the probe found it
+    assert created_with(backend, client, spec(tmp_path, None))["cgroup_parent"] == (
+        "sites-lms.slice"
+    )

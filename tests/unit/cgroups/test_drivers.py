@@ -394,6 +394,7 @@ def test_open_controller_chooses(tmp_path: Path, sample: str, kind: type) -> Non
         mountinfo_path=DATA / sample,
         proc_cgroup_path=own,
         root_override=tmp_path,
+        systemd_dir=tmp_path / "no-systemd",  # whatever runs the tests
     )
     assert isinstance(ctl, kind)
     assert isinstance(ctl, CgroupController)
