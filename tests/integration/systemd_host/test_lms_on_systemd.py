@@ -79,3 +79,21 @@ def test_docker_lms_with_the_systemd_driver(docker_rig: Rig, scenario: str) -> N
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_apptainer_lms(apptainer_rig: Rig, scenario: str) -> None:
     SCENARIOS[scenario](apptainer_rig)
+
+
+@pytest.fixture
+def vm_rig(vm_artefacts: tuple[Path, Path], qemu: str) -> Iterator[Rig]:
+    with scenarios.rig("vm") as made:
+        yield made
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(
+    "scenario",
+    [scenarios.kill_leaves_nothing, scenarios.engine_cpu_is_accounted],
+    ids=["kill", "engine_cpu"],
+)
+def test_vm_lms(vm_rig: Rig, scenario: Callable[[Rig], dict[str, float]]) -> None:
+    """QEMU under TCG inside the TCG test bed: slow, but QEMU starts behind systemd-run in
+    the LM's slice and is accounted there like any engine."""
+    scenario(vm_rig)
