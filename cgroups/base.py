@@ -139,6 +139,8 @@ class CgroupController(Protocol):
     """
 
     version: int
+    #: Who makes the cgroups: "cgroupfs" (lmrunner's own directories) or "systemd" (slices).
+    manager: str
 
     def create(self, name: str) -> CgroupRef:
         """Create the cgroup ``name`` under the parent (an existing one is reused)."""

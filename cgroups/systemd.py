@@ -63,6 +63,7 @@ class SystemdController:
     """LM cgroups as transient systemd slices under ``<prefix>.slice``."""
 
     version = 2
+    manager = "systemd"
 
     def __init__(
         self,

@@ -57,6 +57,7 @@ class V1Controller:
     """
 
     version = 1
+    manager = "cgroupfs"
 
     def __init__(
         self,

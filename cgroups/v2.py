@@ -70,6 +70,7 @@ class V2Controller:
     """cgroup v2 driver: LM cgroups at ``root``/``parent``/``name``."""
 
     version = 2
+    manager = "cgroupfs"
 
     def __init__(self, root: Path, parent: str, *, memory_high_ratio: float = 0.95) -> None:
         self.root = root

@@ -31,6 +31,20 @@ UNRECORDED_OUTCOME = Outcome(
 )
 
 
+def lm_fields(record: LmRecord, outcome: Outcome | None = None) -> dict[str, object]:
+    """``extra=`` for a log line about one LM: the journal's structured fields (LM_NAME, LM_UUID,
+    MACHINETYPE, OUTCOME_CODE, OUTCOME_SOURCE: :mod:`lmrunner.service`)."""
+    fields: dict[str, object] = {
+        "lm_name": record.name,
+        "lm_uuid": record.uuid,
+        "machinetype": record.machinetype,
+    }
+    if outcome is not None:
+        fields["outcome_code"] = outcome.code
+        fields["outcome_source"] = outcome.source.value
+    return fields
+
+
 class Endings:
     """Records LMs' ends for one factory."""
 
@@ -89,7 +103,7 @@ class Endings:
         self.publish(config)
         self.cgroups.remove(record)
         LOG.info("lm=%s machinetype=%s: finished: %s (%s)", record.name, record.machinetype,
-                 outcome.message, outcome.source)  # fmt: skip
+                 outcome.message, outcome.source, extra=lm_fields(record, outcome))  # fmt: skip
         return record
 
     def fail(self, config: Config, record: LmRecord, outcome: Outcome) -> LmRecord:
@@ -119,7 +133,8 @@ class Endings:
             LOG.error("lm=%s: cannot look for its engine object now: %s", record.name, err)
         untrusted.remove_tree(record.directory)
         self.fail(config, record, outcome)
-        LOG.warning("lm=%s: half-created (%s); removed", record.name, outcome.text)
+        LOG.warning("lm=%s: half-created (%s); removed", record.name, outcome.text,
+                    extra=lm_fields(record, outcome))  # fmt: skip
 
     def backfill(self, config: Config) -> None:
         """Accounting records for ended LMs that have none (an older lmrunner wrote them in a

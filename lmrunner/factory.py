@@ -29,7 +29,7 @@ from lmrunner import reload as reloading
 from lmrunner.backends.base import Backend, EngineState
 from lmrunner.cgroups import CgroupController
 from lmrunner.config import Config
-from lmrunner.ending import RESTART_OUTCOME, UNRECORDED_OUTCOME, Endings
+from lmrunner.ending import RESTART_OUTCOME, UNRECORDED_OUTCOME, Endings, lm_fields
 from lmrunner.enforce import Enforcer
 from lmrunner.errors import BackendError, BackendUnavailable, LmrunnerError, MachineNotFound
 from lmrunner.guard import guarded
@@ -162,7 +162,8 @@ class Factory:
         except BackendError as err:
             LOG.error("lm=%s: cannot reattach now: %s", record.name, err)
         self.events.put(record.uuid)  # inspect it in the next pass: it may have ended meanwhile
-        LOG.info("lm=%s machinetype=%s: adopted", record.name, record.machinetype)
+        LOG.info("lm=%s machinetype=%s: adopted", record.name, record.machinetype,
+                 extra=lm_fields(record))  # fmt: skip
 
     # --- one pass ---------------------------------------------------------------------------
 
@@ -399,9 +400,11 @@ class Factory:
             raise  # the pass's business; a reconcile settles this LM when the store works
         except Exception as err:  # any failure of one start fails that LM only
             if isinstance(err, LmrunnerError | OSError):
-                LOG.error("lm=%s machinetype=%s: start failed: %s", record.name, mt.name, err)
+                LOG.error("lm=%s machinetype=%s: start failed: %s", record.name, mt.name, err,
+                          extra=lm_fields(record))  # fmt: skip
             else:
-                LOG.exception("lm=%s machinetype=%s: start failed", record.name, mt.name)
+                LOG.exception("lm=%s machinetype=%s: start failed", record.name, mt.name,
+                              extra=lm_fields(record))  # fmt: skip
             self.endings.fail(self.config, record, start_failed_outcome(str(err)))
             return None
         try:
@@ -414,7 +417,7 @@ class Factory:
                 backend.destroy(record.uuid, handle)
             raise
         LOG.info("lm=%s machinetype=%s processors=%d: started (%s)", record.name, mt.name,
-                 decision.processors, decision.reason)  # fmt: skip
+                 decision.processors, decision.reason, extra=lm_fields(record))  # fmt: skip
         return record
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -439,14 +442,28 @@ class Factory:
         """Seconds until something is due (an event wakes the loop earlier)."""
         return max(self._deadline - self.clock(), 0.0)
 
-    def run(self, *, once: bool = False, reload: Callable[[], None] | None = None) -> None:
+    def run(
+        self,
+        *,
+        once: bool = False,
+        reload: Callable[[], None] | None = None,
+        on_ready: Callable[[], None] | None = None,
+        on_pass: Callable[[PassReport], None] | None = None,
+        max_wait: float | None = None,
+    ) -> None:
         """Adopt, then handle events and deadlines until :meth:`request_stop` (SIGTERM).
 
         ``reload`` (SIGHUP, through :meth:`request_reload`) runs between passes, never inside
         one. A state directory that cannot be written stops starts until it can; a store that
         cannot be read at all (:class:`StoreError`) ends the loop with that error.
+
+        ``on_ready`` runs once, after the adoption and the first pass; ``on_pass`` after every
+        pass, with its report; ``max_wait`` caps the wait between two passes, so that an idle
+        loop still runs one (and calls ``on_pass``) that often: the daemon feeds systemd's
+        watchdog from here, so a loop that hangs stops feeding it.
         """
         self.adopt()
+        first = True
         while True:
             if self.reload_requested.is_set() and reload is not None:
                 self.reload_requested.clear()
@@ -464,10 +481,18 @@ class Factory:
                 report = PassReport()
             if report.started or report.finished:
                 LOG.info("pass: started %s, finished %s", report.started, report.finished)
+            if first and on_ready is not None:
+                with guarded("on_ready"):
+                    on_ready()
+            first = False
+            if on_pass is not None:
+                with guarded("on_pass"):
+                    on_pass(report)
             if once or self.stopping_requested.is_set():
                 return
+            wait = self.next_wait() if max_wait is None else min(self.next_wait(), max_wait)
             try:
-                uuid = self.events.get(timeout=self.next_wait())
+                uuid = self.events.get(timeout=wait)
             except queue.Empty:
                 continue
             self.events.put(uuid)  # handled by the next pass with everything else that is due

@@ -35,6 +35,16 @@ def host_cgroups(factory: FactoryConfig) -> CgroupController | None:
         return None
 
 
+def describe(controller: CgroupController | None, factory: FactoryConfig) -> str:
+    """One line for logs and ``check``: which cgroups the LMs get, and who makes them."""
+    if controller is None:
+        return "cgroups: none usable (LMs run without lmrunner's limits)"
+    line = f"cgroups: v{controller.version} under {factory.cgroup_parent}"
+    if controller.manager == "systemd":
+        return f"{line}, each LM a transient systemd slice"
+    return f"{line}, directories made by lmrunner"
+
+
 def cgroup_name(uuid: str) -> str:
     """An LM's cgroup: by uuid, since LM names are reused slot by slot."""
     return f"lm-{uuid}"

@@ -69,14 +69,10 @@ def _where_set(documents: Sequence[Located], keys: Sequence[str]) -> str | None:
 
 def host_report(config: Config, backends: Mapping[str, Backend]) -> list[str]:
     """What this host gives the configuration: cgroups, and each backend's engine (accel...)."""
-    from lmrunner.lmcgroups import host_cgroups
+    from lmrunner.lmcgroups import describe, host_cgroups
 
     cgroups = host_cgroups(config.factory)
-    lines = [
-        "cgroups: none usable (LMs run without lmrunner's limits)"
-        if cgroups is None
-        else f"cgroups: v{cgroups.version} under {config.factory.cgroup_parent}"
-    ]
+    lines = [describe(cgroups, config.factory)]
     for name, backend in sorted(backends.items()):
         probe = backend.probe()
         lines.append(f"backend {name}: {probe.health} {probe.version or ''} {probe.detail}".strip())

@@ -8,21 +8,20 @@ import fcntl
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from lmrunner import slots
+from lmrunner import service, slots
 from lmrunner.backends import make_backends
 from lmrunner.backends.base import Backend
 from lmrunner.cli.check import unsupported_lines
 from lmrunner.cli.common import common_options, load
 from lmrunner.config import Config
 from lmrunner.errors import ConfigError, LmrunnerError
-from lmrunner.factory import Factory, Tuning
+from lmrunner.factory import Factory, PassReport, Tuning
 from lmrunner.fetch import ca_verify
-from lmrunner.lmcgroups import host_cgroups
+from lmrunner.lmcgroups import describe, host_cgroups
 from lmrunner.pipes import PipeStore
 from lmrunner.pipewatch import PipeWatch
 from lmrunner.state import Store, StoreError
@@ -37,8 +36,11 @@ def add_parser(sub: Any) -> None:
         parents=[common_options()],
         help="run the factory in the foreground",
         description="Run the factory: adopt running LMs, start new ones, notice their ends. "
-        "Logs go to stderr. SIGHUP reloads the configuration (a bad file keeps the old one and "
-        "says why); SIGTERM or SIGINT stop starting LMs and exit, leaving running LMs running.",
+        "Logs go to stderr, or to the journal with structured fields when stderr is connected to "
+        "it (LMRUNNER_LOG=journal|plain overrides); under systemd (Type=notify) it reports "
+        "readiness, reloads, its status and the watchdog. SIGHUP reloads the configuration "
+        "(a bad file keeps the old one and says why); SIGTERM or SIGINT stop starting LMs and "
+        "exit, leaving running LMs running.",
     )
     parser.add_argument("--once", action="store_true", help="do one pass, then exit")
     parser.add_argument(
@@ -61,16 +63,8 @@ def add_parser(sub: Any) -> None:
     parser.set_defaults(run=run)
 
 
-def setup_logging() -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO,
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-    )
-
-
 def run(args: argparse.Namespace) -> int:
-    setup_logging()
+    service.setup_logging()
     config = load(args)
     for warning in config.warnings:
         LOG.warning("%s", warning)
@@ -92,10 +86,16 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop_early)
     signal.signal(signal.SIGINT, stop_early)
+    notifier = service.Notifier()
+    if service.under_systemd():
+        watchdog = "off" if notifier.interval is None else f"fed every {notifier.interval:g} s"
+        LOG.info("systemd: notifications %s, watchdog %s",
+                 "on" if notifier.enabled else "off", watchdog)  # fmt: skip
+    notifier.status("probing engines")
     names = {mt.backend.value for mt in config.machinetypes.values()}
     cgroups = host_cgroups(config.factory)
     if cgroups is not None:
-        LOG.info("cgroups: v%d under %s", cgroups.version, config.factory.cgroup_parent)
+        LOG.info("%s", describe(cgroups, config.factory))
     backends = make_backends(names, config.factory, cgroups)
     for name in sorted(names - set(backends)):
         LOG.error(
@@ -105,10 +105,20 @@ def run(args: argparse.Namespace) -> int:
         _log_probe(backend)
     tuning = Tuning(max_starts_per_pass=args.max_starts, reconcile_seconds=args.reconcile)
     factory = Factory(config, store, backends, tuning=tuning, cgroups=cgroups)
+    status = _Status(factory)
 
     def reload() -> None:
         """Between two passes (SIGHUP only marks it): a half-applied configuration never
-        meets a pass."""
+        meets a pass. systemd sees RELOADING=1 until READY=1, whatever the outcome."""
+        notifier.reloading()
+        notifier.status("reloading the configuration")
+        try:
+            reread()
+        finally:
+            status.stale = True
+            notifier.ready()
+
+    def reread() -> None:
         try:
             new = load(args)
         except ConfigError as err:
@@ -133,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
     def stop(signum: int, frame: FrameType | None) -> None:
         LOG.info("signal %d: no new LMs; exiting, running LMs keep running", signum)
+        notifier.stopping()
         factory.request_stop()
 
     pipes = PipeWatch(
@@ -150,9 +161,17 @@ def run(args: argparse.Namespace) -> int:
     store.set_meta("daemon_pid", str(os.getpid()))
     if not args.once:
         pipes.start()
+
+    def passed(report: PassReport) -> None:
+        notifier.status(status.after(report))
+        notifier.watchdog()  # from the loop itself: a loop that hangs stops feeding it
+
+    notifier.status("adopting running LMs")
     try:
-        factory.run(once=args.once, reload=reload)
+        factory.run(once=args.once, reload=reload, on_ready=notifier.ready, on_pass=passed,
+                    max_wait=notifier.interval)  # fmt: skip
     finally:
+        notifier.stopping()
         pipes.close()
         with contextlib.suppress(StoreError):  # a broken store's own error is the one to show
             store.set_meta("daemon_pid", None)
@@ -160,6 +179,34 @@ def run(args: argparse.Namespace) -> int:
         store.close()
         lock.close()
     return 0
+
+
+class _Status:
+    """The daemon's one-line status for systemd (``systemctl status``): LMs and free processors,
+    read from the store only when a pass started or finished LMs (or after a reload), so the
+    thousands-of-LMs table is not read again on every pass."""
+
+    def __init__(self, factory: Factory) -> None:
+        self.factory = factory
+        self.stale = True
+        self.counts = ""
+        self.free = 0
+
+    def after(self, report: PassReport) -> str:
+        if self.stale or report.started or report.finished:
+            try:
+                active = self.factory.store.active()
+            except StoreError as err:  # the loop's own business; the status just says so
+                return f"state store unreadable: {err}"
+            self.stale = False
+            total = self.factory.config.factory.total_processors
+            self.free = max(total - sum(record.processors for record in active), 0)
+            self.counts = f"{len(active)} LMs running, {self.free} of {total} processors free"
+        if self.factory.stopping_requested.is_set():
+            return f"{self.counts}; stopping (running LMs keep running)"
+        if report.blocked and self.free > 0:  # with none free, why is plain
+            return f"{self.counts}; not starting: {report.blocked}"
+        return self.counts
 
 
 def _log_probe(backend: Backend) -> None:

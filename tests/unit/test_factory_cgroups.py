@@ -56,6 +56,7 @@ class FakeCgroups:
     """
 
     version = 2
+    manager = "cgroupfs"
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []  # (method, cgroup name)
