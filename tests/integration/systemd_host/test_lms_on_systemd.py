@@ -97,3 +97,29 @@ def test_vm_lms(vm_rig: Rig, scenario: Callable[[Rig], dict[str, float]]) -> Non
     """QEMU under TCG inside the TCG test bed: slow, but QEMU starts behind systemd-run in
     the LM's slice and is accounted there like any engine."""
     scenario(vm_rig)
+
+
+def test_a_slices_cpu_counter_matches_the_kernels_per_process_figure() -> None:
+    """The accounting counter itself, without an engine's start-up (seconds under TCG): a
+    process tree burning for 5 s behind the launcher reports its own and its children's CPU
+    (/proc/self/stat, which counts systemd-run's part too: the same process before exec); the
+    slice's cpu.stat must agree within 2 %."""
+    controller = open_controller("/lmrunner")
+    assert isinstance(controller, SystemdController)
+    ref = controller.create("lm-systemd-rusage")
+    try:
+        controller.set_limits(ref, cpus=1, memory_bytes=64 << 20, swap_bytes=0, pids=64)
+        script = "( while :; do :; done ) & p=$!; sleep 5; kill $p; wait $p; cat /proc/$$/stat"
+        out = subprocess.run(
+            [*controller.launcher(ref, None), "sh", "-c", script],
+            capture_output=True, text=True, check=False,
+        ).stdout  # fmt: skip
+        own = scenarios.cpu_seconds(out, children=True)
+        used = controller.usage(ref).cpu_seconds
+        error = abs(used - own) / own
+        print(f"slice: process tree {own:.3f} s, slice {used:.3f} s, error {100 * error:.2f} %")
+        assert own > 2.0
+        assert error <= 0.02
+    finally:
+        controller.kill(ref)
+        controller.remove(ref)

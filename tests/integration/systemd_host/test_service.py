@@ -159,8 +159,16 @@ def test_every_lm_ends_accounted_once_and_leaves_no_slice(installed: list[float]
     snap = store()
     for uuid in uuids:
         assert snap.accounted(uuid) == 1, uuid
-    ended = [e for e in journal() if e.get("LM_UUID") in uuids and e.get("OUTCOME_CODE")]
-    assert {e["LM_UUID"] for e in ended} == uuids
+
+    def outcomes_logged() -> bool:
+        ended = [e for e in journal() if e.get("LM_UUID") in uuids and e.get("OUTCOME_CODE")]
+        return {e["LM_UUID"] for e in ended} == uuids
+
+    try:
+        wait_for(outcomes_logged, 30, "each LM's end in the journal with OUTCOME_CODE")
+    except AssertionError:
+        seen = [(e.get("MESSAGE"), e.get("LM_UUID"), e.get("OUTCOME_CODE")) for e in journal()]
+        raise AssertionError(f"{uuids}: {seen[-12:]}") from None
     wait_for(lambda: not list(Path("/sys/fs/cgroup/lmrunner.slice").glob("lmrunner-lm_*")),
              30 * TIMESCALE, "every LM slice removed")  # fmt: skip
     assert CONFIG.exists()
