@@ -33,7 +33,10 @@ Maker = Callable[["FactoryConfig", "CgroupController | None"], Backend]
 #: How to make each backend that exists, from the factory's configuration and the cgroups.
 REGISTRY: Mapping[str, Maker] = {
     "fake": lambda factory, cgroups: FakeBackend(factory.state_dir / "fake-engine"),
-    "docker": lambda factory, cgroups: docker.DockerBackend(cgroup_parent=factory.cgroup_parent),
+    "docker": lambda factory, cgroups: docker.DockerBackend(
+        cgroup_parent=factory.cgroup_parent,
+        lm_slices=None if cgroups is None else cgroups.manager == "systemd",
+    ),
     "apptainer": lambda factory, cgroups: apptainer.ApptainerBackend(factory, cgroups),
     "vm": lambda factory, cgroups: vm.VmBackend(factory),  # QEMU runs in the core's cgroup
 }

@@ -103,9 +103,15 @@ class DockerBackend:
     runs_as_sc_user: ClassVar[bool] = False
 
     def __init__(
-        self, cgroup_parent: str = "/lmrunner", client_factory: Callable[[], Any] | None = None
+        self,
+        cgroup_parent: str = "/lmrunner",
+        client_factory: Callable[[], Any] | None = None,
+        *,
+        lm_slices: bool | None = None,
     ) -> None:
         self.cgroup_parent = "/" + cgroup_parent.strip("/")
+        # Whether the LM cgroups are systemd slices (True), directories (False) or absent.
+        self.lm_slices = lm_slices
         self._client_factory = client_factory or (lambda: docker.from_env(timeout=60))
         self._client: Any = None
         self._closed = threading.Event()
@@ -311,6 +317,16 @@ class DockerBackend:
             return Probe(Health.UNAVAILABLE, version, f"unavailable: {err}")
         driver = str(info.get("CgroupDriver", "cgroupfs")) if isinstance(info, dict) else "?"
         self._driver = driver
+        if driver == "systemd" and self.lm_slices is False:
+            # Its systemd driver takes only a slice, and the LM cgroups are directories.
+            return Probe(
+                Health.UNAVAILABLE,
+                version,
+                "unavailable: dockerd uses the systemd cgroup driver but the LM cgroups are "
+                "directories (factory cgroup_manager: cgroupfs, or a cgroup v1 host): set "
+                "cgroup_manager to auto or systemd, or run dockerd with "
+                "--exec-opt native.cgroupdriver=cgroupfs",
+            )
         where = "in each LM's slice" if driver == "systemd" else "below each LM's cgroup"
         return Probe(
             Health.OK,

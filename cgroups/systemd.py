@@ -39,8 +39,9 @@ from lmrunner.cgroups.base import (
     sigkill_until_empty,
     signal_all,
     tree_pids,
+    write,
 )
-from lmrunner.cgroups.v2 import HIERARCHY, read_usage
+from lmrunner.cgroups.v2 import HIERARCHY, V2Controller, read_usage
 from lmrunner.errors import CgroupError, CommandError
 from lmrunner.runner import Completed
 from lmrunner.runner import run as run_command
@@ -86,6 +87,12 @@ class SystemdController:
         self.memory_high_ratio = memory_high_ratio
         self._run = run
         self._clock = clock
+        # LMs made by the cgroupfs v2 driver before this host switched to systemd's slices (an
+        # upgrade with LMs running): read, killed and removed where they are, never made anew.
+        self._plain = V2Controller(root, parent, memory_high_ratio=memory_high_ratio)
+
+    def _legacy(self, ref: CgroupRef) -> bool:
+        return ref.version == 2 and ref.path(HIERARCHY) == self._plain.parent / ref.name
 
     @staticmethod
     def _slice_path(stem: str) -> list[str]:
@@ -130,11 +137,13 @@ class SystemdController:
         argv = [
             "busctl", "call", "--quiet", *DBUS_DEST, MANAGER, "StartTransientUnit",
             "ssa(sv)a(sa(sv))", unit, "fail",
-            "1", "Description", "s", f"lmrunner logical machine {name}",
+            "2", "Description", "s", f"lmrunner logical machine {name}",
+            "CollectMode", "s", "inactive-or-failed",  # a failed one is not kept loaded
             "0",
         ]  # fmt: skip
-        # One made before a restart of the daemon is adopted as it is.
-        self._call(f"cannot make the slice {unit}", argv, lambda e: "already exists" in str(e))
+        # One made before a restart of the daemon is adopted as it is (systemd 252 says "Unit
+        # X was already loaded or has a fragment file."; others "... already exists").
+        self._call(f"cannot make the slice {unit}", argv, lambda e: "already" in str(e))
 
     # -- the controller ------------------------------------------------------------------------
 
@@ -167,6 +176,11 @@ class SystemdController:
             f"MemorySwapMax={swap_bytes}", f"TasksMax={pids}",
         ]  # fmt: skip
         self._call(f"cannot limit {unit}", argv, lambda e: False)
+        # The two files systemd never writes on a slice, so lmrunner may: an OOM kill takes
+        # the whole LM, as with the v2 driver (no unit property says this for a slice).
+        path = self._path(ref)
+        if (path / "memory.oom.group").exists():
+            write(path / "memory.oom.group", 1)
 
     def add_pid(self, ref: CgroupRef, pid: int) -> None:
         """Put a running process in the LM: a transient scope holding it, in the slice."""
@@ -195,9 +209,13 @@ class SystemdController:
         return (*argv, "--")
 
     def pids(self, ref: CgroupRef) -> frozenset[int]:
+        if self._legacy(ref):
+            return self._plain.pids(ref)
         return tree_pids([self._path(ref)])
 
     def usage(self, ref: CgroupRef) -> Usage:
+        if self._legacy(ref):
+            return self._plain.usage(ref)
         return read_usage(self._path(ref))
 
     def _systemctl(self, verb: str, ref: CgroupRef, *options: str) -> None:
@@ -212,10 +230,17 @@ class SystemdController:
         self._systemctl("thaw", ref)
 
     def kill(self, ref: CgroupRef, *, timeout: float = 10.0) -> None:
-        """SIGKILL everything in the slice (by kill(2), as the v1 driver does) until empty."""
+        """``cgroup.kill`` on the slice (Linux >= 5.14: the whole subtree, no fork race; systemd
+        never writes it on a slice), then SIGKILL what is left until it is empty."""
+        if self._legacy(ref):
+            self._plain.kill(ref, timeout=timeout)
+            return
         path = self._path(ref)
-        if path.exists():
-            sigkill_until_empty(lambda: tree_pids([path]), timeout, str(path))
+        if not path.exists():
+            return
+        if (path / "cgroup.kill").exists():
+            write(path / "cgroup.kill", 1)
+        sigkill_until_empty(lambda: tree_pids([path]), timeout, str(path))
 
     def signal(self, ref: CgroupRef, signum: int) -> int:
         return signal_all(self.pids(ref), signum)
@@ -229,14 +254,14 @@ class SystemdController:
 
     def names(self) -> list[str]:
         try:
-            found = (self._name_of(p.name) for p in self.parent.iterdir() if p.is_dir())
-            return sorted(n for n in found if n is not None)
+            found = {self._name_of(p.name) for p in self.parent.iterdir() if p.is_dir()}
         except FileNotFoundError:
-            return []
+            found = set()
+        return sorted({n for n in found if n is not None} | set(self._plain.names()))
 
     def existing(self, name: str) -> CgroupRef | None:
         ref = self._ref(name)
-        return ref if self._path(ref).is_dir() else None
+        return ref if self._path(ref).is_dir() else self._plain.existing(name)
 
     def engine_path(self, ref: CgroupRef) -> str | None:
         return "/" + self._path(ref).relative_to(self.root).as_posix()
@@ -246,6 +271,9 @@ class SystemdController:
 
     def remove(self, ref: CgroupRef) -> None:
         """Stop the (empty) slice: systemd removes its cgroup. A slice gone already is fine."""
+        if self._legacy(ref):
+            self._plain.remove(ref)
+            return
         unit = self.unit(ref.name)
         self._path(ref)
         self._call(
@@ -255,4 +283,6 @@ class SystemdController:
         )
 
     def release(self) -> None:
-        """Nothing: ``<prefix>.slice`` is systemd's, and it goes when its last LM goes."""
+        """``<prefix>.slice`` is systemd's (it stays loaded); a cgroupfs parent left by LMs of
+        before the switch goes once empty."""
+        self._plain.release()

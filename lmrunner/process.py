@@ -139,12 +139,18 @@ def shell_status(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def _preexec(procs_files: Sequence[Path], user: tuple[int, int] | None) -> Callable[[], None]:
+def _preexec(
+    procs_files: Sequence[Path], user: tuple[int, int] | None, *, launcher: bool = False
+) -> Callable[[], None]:
     files = tuple(procs_files)
 
     def child() -> None:
         enter(files)  # as root, before anything of the LM runs
-        if user is not None and user != (os.getuid(), os.getgid()):
+        if launcher:
+            # The launcher (systemd-run --scope) switches uid and gid but never the
+            # supplementary groups: drop the daemon's here, or the payload keeps them.
+            os.setgroups([])
+        elif user is not None and user != (os.getuid(), os.getgid()):
             os.setgroups([])
             os.setgid(user[1])
             os.setuid(user[0])
@@ -185,7 +191,6 @@ class Supervisor:
         args = [str(a) for a in argv]
         if launcher is not None:  # it enters the LM's cgroup and becomes ``user`` itself
             args = [*launcher(user), *args]
-            user = None
         status_file.unlink(missing_ok=True)
         try:
             with log_file.open("ab") as log:
@@ -197,7 +202,8 @@ class Supervisor:
                     env=dict(env) if env is not None else None,
                     cwd=cwd,
                     start_new_session=True,
-                    preexec_fn=_preexec(procs_files, user),  # only os calls in the child
+                    # only os calls in the child
+                    preexec_fn=_preexec(procs_files, user, launcher=launcher is not None),
                     close_fds=True,
                 )
         except (OSError, subprocess.SubprocessError) as err:

@@ -123,6 +123,7 @@ class Notifier:
         self._status: str | None = None
         self._failed = False
         self._stopping = False
+        self.was_ready = False  # READY=1 sent once (start-up done)
 
     def _send(self, notification: Notification, value: str | None = None) -> None:
         if not self.enabled:
@@ -141,12 +142,21 @@ class Notifier:
         """Start-up (or a reload) is complete: ``READY=1``, after the status if given."""
         if status is not None:
             self.status(status)
+        self.was_ready = True
         self._send(Notification.READY)
+
+    def reloaded(self) -> None:
+        """A reload is complete: ``READY=1`` again, but only once start-up said it first (a
+        reload asked before the first pass, e.g. by a pipe, must not make systemd think the
+        daemon has adopted its LMs)."""
+        if self.was_ready:
+            self._send(Notification.READY)
 
     def reloading(self) -> None:
         """A reload begins; :meth:`ready` ends it. (Plain ``RELOADING=1``: without the
         ``MONOTONIC_USEC=`` that only ``Type=notify-reload`` requires.)"""
-        self._send(Notification.RELOADING)
+        if self.was_ready:  # before start-up is done, systemd is waiting for READY only
+            self._send(Notification.RELOADING)
 
     def stopping(self) -> None:
         """The daemon is leaving: ``STOPPING=1`` (once)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import fcntl
 import logging
 import os
@@ -65,6 +66,10 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     service.setup_logging()
+    # A hung loop is aborted by systemd's watchdog (SIGABRT): say where it hung. (A stderr with
+    # no file descriptor, as under a test's capture, has nowhere to say it.)
+    with contextlib.suppress(OSError, ValueError):
+        faulthandler.enable()
     config = load(args)
     for warning in config.warnings:
         LOG.warning("%s", warning)
@@ -116,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             reread()
         finally:
             status.stale = True
-            notifier.ready()
+            notifier.reloaded()
 
     def reread() -> None:
         try:

@@ -74,6 +74,19 @@ def test_ready_reloading_stopping_and_status_reach_the_socket(
     assert received(notify_socket) == []
 
 
+def test_a_reload_before_start_up_is_done_says_nothing(notify_socket: socket.socket) -> None:
+    """A pipe may ask for a reload before the first pass: systemd must see READY=1 only once
+    the LMs are adopted and the first pass is done."""
+    notifier = Notifier()
+    notifier.reloading()
+    notifier.reloaded()
+    assert received(notify_socket) == []
+    notifier.ready()
+    notifier.reloading()
+    notifier.reloaded()
+    assert received(notify_socket) == ["READY=1", "RELOADING=1", "READY=1"]
+
+
 def test_an_unchanged_status_is_not_sent_again(notify_socket: socket.socket) -> None:
     notifier = Notifier()
     for text in ("a", "a", "b", "b", "a"):

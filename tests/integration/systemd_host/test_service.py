@@ -68,7 +68,7 @@ def test_start_is_ready_after_adoption_within_seconds(installed: list[float]) ->
         "notify",
     )
     assert ready < 30 * TIMESCALE
-    assert any("READY" in m or "ready" in m for m in messages()) or state["StatusText"]
+    assert state["StatusText"], state  # the daemon's STATUS= line
 
 
 def test_docker_and_apptainer_lms_run_in_their_slices(installed: list[float]) -> None:
@@ -122,22 +122,28 @@ def test_restart_adopts_every_running_lm_and_duplicates_none(installed: list[flo
 def test_a_hung_loop_is_restarted_by_the_watchdog(installed: list[float]) -> None:
     DROP_IN.parent.mkdir(parents=True, exist_ok=True)
     DROP_IN.write_text("[Service]\nWatchdogSec=10\n")
-    systemctl("daemon-reload")
-    systemctl("restart", UNIT)
-    before = running_uuids()
-    restarts = int(show("NRestarts")["NRestarts"])
-    hung = main_pid()
-    os.kill(hung, signal.SIGSTOP)  # the loop stops feeding the watchdog
-    wait_for(lambda: int(show("NRestarts")["NRestarts"]) > restarts and main_pid() not in (0, hung)
-             and show("ActiveState")["ActiveState"] == "active",
-             60 * TIMESCALE, "systemd restarted the hung daemon")  # fmt: skip
-    assert any("Watchdog timeout" in str(e.get("MESSAGE")) for e in journal())
-    new = main_pid()
-    wait_for(lambda: sum("adopted" in m for m in messages(since_pid=new)) >= 2,
-             30 * TIMESCALE, "both LMs adopted after the watchdog restart")  # fmt: skip
-    assert running_uuids() == before
-    DROP_IN.unlink()
-    systemctl("daemon-reload")
+    try:
+        systemctl("daemon-reload")
+        systemctl("restart", UNIT)
+        before = running_uuids()
+        restarts = int(show("NRestarts")["NRestarts"])
+        hung = main_pid()
+        os.kill(hung, signal.SIGSTOP)  # the loop stops feeding the watchdog
+
+        def restarted() -> bool:
+            now = show("NRestarts", "MainPID", "ActiveState")
+            return (int(now["NRestarts"]) > restarts and int(now["MainPID"]) not in (0, hung)
+                    and now["ActiveState"] == "active")  # fmt: skip
+
+        wait_for(restarted, 60 * TIMESCALE, "systemd restarted the hung daemon")
+        assert any("Watchdog timeout" in str(e.get("MESSAGE")) for e in journal())
+        new = main_pid()
+        wait_for(lambda: sum("adopted" in m for m in messages(since_pid=new)) >= 2,
+                 30 * TIMESCALE, "both LMs adopted after the watchdog restart")  # fmt: skip
+        assert running_uuids() == before
+    finally:
+        DROP_IN.unlink(missing_ok=True)
+        systemctl("daemon-reload")
 
 
 def test_the_journal_carries_the_lm_fields(installed: list[float]) -> None:

@@ -93,7 +93,10 @@ def test_a_slice_made_before_a_restart_is_adopted(
 ) -> None:
     (tmp_path / SLICES / "lmrunner-lm_a.slice").mkdir(parents=True)
     systemd.fail["StartTransientUnit"] = CommandError(
-        ["busctl"], 1, "", "Call failed: Unit lmrunner-lm_a.slice already exists."
+        ["busctl"],
+        1,
+        "",
+        "Call failed: Unit lmrunner-lm_a.slice was already loaded or has a fragment file.",
     )
     assert ctl.create("lm-a").name == "lm-a"
 
@@ -172,3 +175,43 @@ def test_open_controller_chooses_systemd_where_it_is_pid_1(tmp_path: Path) -> No
     assert not isinstance(plain, SystemdController)
     forced = open_controller("/lmrunner", systemd_dir=tmp_path / "no", manager="systemd", **options)
     assert isinstance(forced, SystemdController)
+
+
+def test_the_whole_lm_is_the_oom_killers_and_cgroup_kill_ends_it(
+    ctl: SystemdController, tmp_path: Path
+) -> None:
+    ref = ctl.create("lm-a")
+    path = tmp_path / SLICES / "lmrunner-lm_a.slice"
+    for name in ("memory.oom.group", "cgroup.kill"):
+        (path / name).write_text("0\n")
+    ctl.set_limits(ref, cpus=1, memory_bytes=1 << 30, swap_bytes=0, pids=10)
+    assert (path / "memory.oom.group").read_text() == "1"
+    ctl.kill(ref)
+    assert (path / "cgroup.kill").read_text() == "1"
+
+
+def test_lms_of_the_cgroupfs_driver_from_before_the_switch_are_still_read_and_removed(
+    ctl: SystemdController, systemd: FakeSystemd, tmp_path: Path
+) -> None:
+    """An upgrade with LMs running: their cgroups are directories under /lmrunner."""
+    old = tmp_path / "lmrunner" / "lm-old"
+    old.mkdir(parents=True)
+    (old / "cgroup.procs").write_text("")
+    for name, text in {
+        "cpu.stat": "usage_usec 2000000\n",
+        "memory.current": "10\n",
+        "memory.events": "oom_kill 0\n",
+        "memory.stat": "anon 1\n",
+    }.items():
+        (old / name).write_text(text)  # fmt: skip
+    ref = CgroupRef(2, "lm-old", (("unified", str(old)),))
+    assert ctl.names() == ["lm-old"]
+    assert ctl.existing("lm-old") == ref
+    assert ctl.usage(ref).cpu_seconds == 2.0
+    assert ctl.pids(ref) == frozenset()
+    ctl.kill(ref)
+    for file in old.iterdir():  # a real cgroup's interface files go with its rmdir
+        file.unlink()
+    ctl.remove(ref)
+    assert not old.exists()
+    assert systemd.calls == []  # systemd is not asked about what it never made
