@@ -411,3 +411,24 @@ def test_send_signal_hits_exactly_the_process_it_names() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.parametrize(
+    ("launcher", "expected"),
+    [
+        # systemd-run --scope switches uid and gid itself, but never the groups.
+        (True, [("setgroups", [])]),
+        (False, [("setgroups", []), ("setgid", 1001), ("setuid", 1000)]),
+    ],
+)
+def test_the_child_drops_the_daemons_groups_with_or_without_a_launcher(
+    monkeypatch: pytest.MonkeyPatch, launcher: bool, expected: list[tuple[str, object]]
+) -> None:
+    from lmrunner import process
+
+    calls: list[tuple[str, object]] = []
+    for name in ("setgroups", "setgid", "setuid"):
+        monkeypatch.setattr(process.os, name, lambda v, n=name: calls.append((n, v)))
+    monkeypatch.setattr(process, "enter", lambda files: None)
+    process._preexec((), (1000, 1001), launcher=launcher)()
+    assert calls == expected
