@@ -428,7 +428,7 @@ def test_the_child_drops_the_daemons_groups_with_or_without_a_launcher(
 
     calls: list[tuple[str, object]] = []
     for name in ("setgroups", "setgid", "setuid"):
-        monkeypatch.setattr(process.os, name, lambda v, n=name: calls.append((n, v)))
+        monkeypatch.setattr(os, name, lambda v, n=name: calls.append((n, v)))
     monkeypatch.setattr(process, "enter", lambda files: None)
     process._preexec((), (1000, 1001), launcher=launcher)()
     assert calls == expected
