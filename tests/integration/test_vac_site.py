@@ -275,6 +275,10 @@ def _run_site(site_dir: Path, server: Server, ca_file: Path, initrd: Path) -> No
             )
 
         wait("LMs after the server stopped", ran_after_stop, 180, daemon, log)
+        # The pipe's next refresh comes when its cache_seconds run out, which may be after
+        # those LMs (CI saw it so once).
+        wait("the pipe's failed refresh", lambda: "keeping the last good copy" in log.read_text(),
+             60, daemon, log)  # fmt: skip
         for record in finished(state, "sc", stopped) + finished(state, "pipe-new", stopped):
             assert record.outcome is not None and record.outcome.code == 200, record
         text = log.read_text()
