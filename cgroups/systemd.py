@@ -36,12 +36,11 @@ from lmrunner.cgroups.base import (
     cpus_to_weight,
     memory_high,
     parent_relative,
-    sigkill_until_empty,
     signal_all,
     tree_pids,
     write,
 )
-from lmrunner.cgroups.v2 import HIERARCHY, V2Controller, read_usage
+from lmrunner.cgroups.v2 import HIERARCHY, V2Controller, kill_tree, read_usage
 from lmrunner.errors import CgroupError, CommandError
 from lmrunner.runner import Completed
 from lmrunner.runner import run as run_command
@@ -235,12 +234,7 @@ class SystemdController:
         if self._legacy(ref):
             self._plain.kill(ref, timeout=timeout)
             return
-        path = self._path(ref)
-        if not path.exists():
-            return
-        if (path / "cgroup.kill").exists():
-            write(path / "cgroup.kill", 1)
-        sigkill_until_empty(lambda: tree_pids([path]), timeout, str(path))
+        kill_tree(self._path(ref), timeout)
 
     def signal(self, ref: CgroupRef, signum: int) -> int:
         return signal_all(self.pids(ref), signum)
@@ -267,7 +261,8 @@ class SystemdController:
         return "/" + self._path(ref).relative_to(self.root).as_posix()
 
     def engine_unit(self, ref: CgroupRef) -> str | None:
-        return self.unit(ref.name) if self._path(ref) else None
+        self._path(ref)
+        return self.unit(ref.name)
 
     def remove(self, ref: CgroupRef) -> None:
         """Stop the (empty) slice: systemd removes its cgroup. A slice gone already is fine."""

@@ -66,6 +66,16 @@ def read_usage(path: Path) -> Usage:
     )
 
 
+def kill_tree(path: Path, timeout: float) -> None:
+    """Write ``cgroup.kill`` where the kernel has it (Linux >= 5.14: the whole subtree, no fork
+    race), then SIGKILL whatever is left until the subtree is empty."""
+    if not path.exists():
+        return
+    if (path / "cgroup.kill").exists():
+        write(path / "cgroup.kill", 1)
+    sigkill_until_empty(lambda: tree_pids([path]), timeout, str(path))
+
+
 class V2Controller:
     """cgroup v2 driver: LM cgroups at ``root``/``parent``/``name``."""
 
@@ -178,12 +188,7 @@ class V2Controller:
 
         Either way, wait until no process is left in the subtree.
         """
-        path = self._path(ref)
-        if not path.exists():
-            return
-        if (path / "cgroup.kill").exists():
-            write(path / "cgroup.kill", 1)
-        sigkill_until_empty(lambda: tree_pids([path]), timeout, str(path))
+        kill_tree(self._path(ref), timeout)
 
     def signal(self, ref: CgroupRef, signum: int) -> int:
         return signal_all(self.pids(ref), signum)

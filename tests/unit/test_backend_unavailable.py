@@ -87,28 +87,27 @@ def test_docker_probe_checks_the_api_version(api: str, ok: bool) -> None:
     assert (probe.health is Health.OK) is ok
 
 
+class SystemdDriverClient:
+    """dockerd 20.10 with its systemd cgroup driver (the default on systemd + cgroup v2)."""
+
+    def version(self) -> dict[str, str]:
+        return {"ApiVersion": "1.41", "Version": "20.10.24"}
+
+    def info(self) -> dict[str, str]:
+        return {"CgroupDriver": "systemd"}
+
+
 def test_docker_probe_takes_the_systemd_cgroup_driver_and_says_so() -> None:
-    class Client:
-        def version(self) -> dict[str, str]:
-            return {"ApiVersion": "1.41", "Version": "20.10.24"}
-
-        def info(self) -> dict[str, str]:
-            return {"CgroupDriver": "systemd"}
-
-    probe = DockerBackend(client_factory=Client).probe()
+    probe = DockerBackend(client_factory=SystemdDriverClient).probe()
     assert probe.health is Health.OK
     assert "cgroup driver systemd (containers in each LM's slice)" in probe.detail
 
 
 def test_docker_probe_refuses_the_systemd_driver_when_lm_cgroups_are_directories() -> None:
-    class Client:
-        def version(self) -> dict[str, str]:
-            return {"ApiVersion": "1.41", "Version": "20.10.24"}
-
-        def info(self) -> dict[str, str]:
-            return {"CgroupDriver": "systemd"}
-
-    probe = DockerBackend(client_factory=Client, lm_slices=False).probe()
+    probe = DockerBackend(client_factory=SystemdDriverClient, lm_slices=False).probe()
     assert probe.health is Health.UNAVAILABLE
     assert "cgroup_manager" in probe.detail and "native.cgroupdriver=cgroupfs" in probe.detail
-    assert DockerBackend(client_factory=Client, lm_slices=True).probe().health is Health.OK
+    assert (
+        DockerBackend(client_factory=SystemdDriverClient, lm_slices=True).probe().health
+        is Health.OK
+    )
