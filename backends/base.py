@@ -60,6 +60,10 @@ class MachineSpec:
     #: the backend's own options (its ``options_type``), made by the core from the machinetype
     options: object = field(default_factory=lambda: NoOptions())
     cgroup: LmCgroup | None = None  # None: this host gives lmrunner no cgroups
+    #: The LM's own filesystem, mounted here (its ``mnt`` folder), of ``limits.disk_bytes``: the
+    #: backend puts every place the payload writes on it (work folders, a container's writable
+    #: paths, a VM's disk images). None: the LM has none and its writes are not bounded.
+    disk: Path | None = None
 
 
 class OptionsType(Protocol):
@@ -151,6 +155,11 @@ class Backend(Protocol):
     def memory_overhead(self) -> int:
         """Bytes the engine itself needs in an LM's cgroup beyond the LM's memory (a VM's
         QEMU); the core adds them to the cgroup's memory limit. 0 for containers."""
+
+    def disk_overhead(self, disk_bytes: int) -> int:
+        """Bytes the engine's own files need on an LM's filesystem beyond ``disk_bytes`` (a VM's
+        disk image metadata, and room for joboutputs beside a full scratch disk); the core
+        makes the filesystem this much larger. 0 for containers."""
 
     def validate(self, spec: MachineSpec) -> None:
         """Raise :class:`~lmrunner.errors.SpecError`, before any side effect, if it cannot run."""

@@ -79,6 +79,12 @@ DEFAULT_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SE
 #: What destroy keeps of the payload's output in ``<LM dir>/container.log`` (its end).
 LOG_LIMIT_BYTES = 4 * 1024 * 1024
 LOG_TAIL_LINES = 5000
+#: What dockerd keeps of a payload's output on the host (json-file's own rotation): it lives in
+#: /var/lib/docker, outside the LM's filesystem, so it must be bounded here.
+ENGINE_LOG = {"type": "json-file", "config": {"max-size": "8m", "max-file": "2"}}
+#: With its own filesystem an LM's root is read-only (dockerd's writable layer would be in
+#: /var/lib/docker, unbounded); these get writable folders on its filesystem instead.
+WRITABLE_PATHS = (("/tmp", "docker-tmp"), ("/var/tmp", "docker-var-tmp"))
 #: What the Docker SDK lets out: its own errors; requests' (OSErrors, like the socket's own);
 #: urllib3's when a streamed answer breaks off (events, logs); ValueError for an answer that is
 #: not the JSON it should be.
@@ -130,6 +136,9 @@ class DockerBackend:
 
     # --- the protocol ---------------------------------------------------------------------------
 
+    def disk_overhead(self, disk_bytes: int) -> int:
+        return 0  # the payload's files are all there is
+
     def memory_overhead(self) -> int:
         return 0  # the LM's processes are all there is
 
@@ -159,6 +168,11 @@ class DockerBackend:
             raise StartError(self.name, why, recoverable=True) from err
         self._ensure_image(image, spec.name)
         capabilities = sorted({*DEFAULT_CAPABILITIES, *DockerOptions.of(spec).capabilities})
+        volumes = {
+            str(m.source): {"bind": str(m.target), "mode": "ro" if m.read_only else "rw"}
+            for m in spec.mounts
+        }
+        volumes.update(_writable_paths(spec))
         with self._engine_errors(f"cannot create the container of {spec.name}", StartError):
             container = client.containers.create(
                 image,
@@ -167,10 +181,9 @@ class DockerBackend:
                 hostname=spec.name,
                 labels=dict(spec.labels),
                 environment=dict(spec.env),
-                volumes={
-                    str(m.source): {"bind": str(m.target), "mode": "ro" if m.read_only else "rw"}
-                    for m in spec.mounts
-                },
+                volumes=volumes,
+                read_only=spec.disk is not None,
+                log_config=ENGINE_LOG,
                 nano_cpus=spec.limits.processors * 1_000_000_000,  # a hard CPU quota
                 mem_limit=spec.limits.memory_bytes,
                 memswap_limit=spec.limits.memory_bytes + spec.limits.swap_bytes,
@@ -515,3 +528,23 @@ def _timestamp(value: Any) -> float | None:
         return datetime.fromisoformat(text + "+00:00").timestamp()
     except ValueError:
         return None
+
+
+def _writable_paths(spec: MachineSpec) -> dict[str, dict[str, str]]:
+    """Binds of folders on the LM's own filesystem for the usual writable paths its read-only
+    root lacks (a tmp_binds entry for one of them wins); none without such a filesystem."""
+    if spec.disk is None:
+        return {}
+    taken = {str(m.target) for m in spec.mounts}
+    binds = {}
+    for target, name in WRITABLE_PATHS:
+        if target in taken:
+            continue
+        folder = spec.disk / name
+        try:
+            folder.mkdir(exist_ok=True)
+            folder.chmod(0o1777)  # as /tmp: any account of the image may write there
+        except OSError as err:
+            raise StartError("docker", f"cannot make {folder}: {err.strerror}") from err
+        binds[str(folder)] = {"bind": target, "mode": "rw"}
+    return binds

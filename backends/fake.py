@@ -105,6 +105,9 @@ class FakeBackend:
 
     # --- the protocol ---------------------------------------------------------------------
 
+    def disk_overhead(self, disk_bytes: int) -> int:
+        return 0
+
     def memory_overhead(self) -> int:
         return 0  # the LM's processes are all there is
 

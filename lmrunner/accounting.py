@@ -45,6 +45,7 @@ class AccountingRecord:
     outcome_source: str
     flags: frozenset[Flag]
     memory_limit_bytes: int | None = None  # the LM's allocation (APEL MemoryVirtual, as Vac)
+    disk_peak_bytes: int | None = None  # the most its own filesystem held (None: it had none)
 
     @property
     def hs06_hours(self) -> float:

@@ -56,6 +56,14 @@ class CgroupManager(StrEnum):
     CGROUPFS = "cgroupfs"  # directories lmrunner writes itself
 
 
+class DiskMethodName(StrEnum):
+    """How each LM gets a filesystem of its own (lmrunner.diskmethods.open_disk_method)."""
+
+    AUTO = "auto"  # loop where this host can mount loop devices, else none (logged)
+    LOOP = "loop"  # a sparse ext4 image per LM, loop-mounted; refuse to run without it
+    NONE = "none"  # LMs write into the state directory, unbounded
+
+
 @dataclass(frozen=True, slots=True)
 class FactoryConfig:
     """The ``factory:`` section (Vac's ``[settings]``)."""
@@ -167,6 +175,21 @@ class FactoryConfig:
         unit="GB (10^9 bytes)",
         vac=("disk_gb_per_processor", "scratch_gb", "disk_gb_per_cpu"),
         minimum=0,
+    )
+    disk_method: DiskMethodName = option(
+        DiskMethodName.AUTO,
+        "How each LM's writable space (joboutputs, tmp_binds, container work folders, VM disks) "
+        "is bounded at its disk size: 'loop' (a sparse ext4 image per LM in "
+        "<state_dir>/disks, loop-mounted on the LM's mnt folder; the LM meets ENOSPC at its "
+        "size), 'none' (unbounded, in the state directory) or 'auto' (loop where the host "
+        "can, else none). An LM whose disk size is 0 gets none.",
+    )
+    disk_overcommit: float = option(
+        1.0,
+        "How many times the state directory's free space the factory may promise as LM disks "
+        "(they are sparse: space is taken as payloads write). 1.0: every promised byte is "
+        "there; an LM that would promise more does not start.",
+        minimum=1.0,
     )
     overload_per_processor: float = option(
         1.25,

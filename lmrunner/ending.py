@@ -1,6 +1,6 @@
 """An LM's end: the outcome decided from the engine's facts and what the payload left, recorded
-with its accounting in one transaction; the engine object and the cgroup removed after that (a
-reconcile retries both if the daemon dies in between)."""
+with its accounting in one transaction; the engine object, the cgroup and the LM's filesystem
+removed after that (a reconcile retries each if the daemon dies in between)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from lmrunner.lifecycle import (
     start_failed_outcome,
 )
 from lmrunner.lmcgroups import LmCgroups, peak
+from lmrunner.lmdisks import LmDisks, outputs_root
 from lmrunner.state import LmRecord, Store
 
 LOG = logging.getLogger("lmrunner.factory")
@@ -48,9 +49,12 @@ def lm_fields(record: LmRecord, outcome: Outcome | None = None) -> dict[str, obj
 class Endings:
     """Records LMs' ends for one factory."""
 
-    def __init__(self, store: Store, cgroups: LmCgroups, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, store: Store, cgroups: LmCgroups, disks: LmDisks, clock: Callable[[], float]
+    ) -> None:
         self.store = store
         self.cgroups = cgroups
+        self.disks = disks
         self.clock = clock
 
     def finish(
@@ -58,7 +62,7 @@ class Endings:
     ) -> LmRecord:
         """Record how an LM the engine no longer runs ended (exactly once), then remove it."""
         mt = config.machinetypes.get(record.machinetype)
-        message = untrusted.read_message(record.directory)
+        message = untrusted.read_message(outputs_root(record.directory))
         ended = status.ended_at or self.clock()
         usage = self.cgroups.usage(record)
         # The cgroup counts OOM kills the engine may not report (a payload's child, an adopted
@@ -85,23 +89,26 @@ class Endings:
             finished=ended,
             cpu_seconds=None if usage is None else usage.cpu_seconds,
             memory_peak_bytes=peak(record, usage),
+            disk_peak_bytes=self.disks.peak(record),
         )
-        if outcome.source is not OutcomeSource.PAYLOAD and message is None:
-            # Vac wrote its own reason where the payload's would be; keep doing so for tools,
-            # but never over (or through) anything the payload left there.
-            try:
-                untrusted.create(
-                    record.directory,
-                    "joboutputs/shutdown_message",
-                    (outcome.message + "\n").encode(),
-                )
-            except (untrusted.UntrustedFileError, OSError) as err:
-                LOG.warning("lm=%s: cannot write its shutdown_message: %s", record.name, err)
         if record.handle is not None:
             with guarded(record.name):  # a leftover is removed by a later reconcile
                 backend.destroy(record.uuid, record.handle)
         self.publish(config)
         self.cgroups.remove(record)
+        self.disks.release(record)
+        if outcome.source is not OutcomeSource.PAYLOAD and message is None:
+            # Vac wrote its own reason where the payload's would be; keep doing so for tools,
+            # but never over (or through) anything the payload left there. After the release:
+            # into the kept joboutputs, which a full disk does not refuse.
+            try:
+                untrusted.create(
+                    outputs_root(record.directory),
+                    "joboutputs/shutdown_message",
+                    (outcome.message + "\n").encode(),
+                )
+            except (untrusted.UntrustedFileError, OSError) as err:
+                LOG.warning("lm=%s: cannot write its shutdown_message: %s", record.name, err)
         LOG.info("lm=%s machinetype=%s: finished: %s (%s)", record.name, record.machinetype,
                  outcome.message, outcome.source, extra=lm_fields(record, outcome))  # fmt: skip
         return record
@@ -118,6 +125,7 @@ class Endings:
         )
         self.publish(config)
         self.cgroups.remove(failed)
+        self.disks.release(failed)
         return failed
 
     def settle_half_created(
@@ -131,6 +139,7 @@ class Endings:
                     backend.destroy(owned.uuid, owned.handle)
         except BackendError as err:  # what is left becomes an orphan, removed by a reconcile
             LOG.error("lm=%s: cannot look for its engine object now: %s", record.name, err)
+        self.disks.release(record)  # before its folder goes: rmtree must not walk into it
         untrusted.remove_tree(record.directory)
         self.fail(config, record, outcome)
         LOG.warning("lm=%s: half-created (%s); removed", record.name, outcome.text,
@@ -194,4 +203,5 @@ def accounting_record(
         outcome_source=outcome.source.value,
         flags=frozenset(flags),
         memory_limit_bytes=record.limits.memory_bytes,
+        disk_peak_bytes=record.disk_peak_bytes,
     )

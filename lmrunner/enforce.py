@@ -12,6 +12,7 @@ from lmrunner.backends.base import Backend
 from lmrunner.config import Config
 from lmrunner.errors import BackendError
 from lmrunner.lifecycle import LmState, Outcome, heartbeat_problem, wallclock_outcome
+from lmrunner.lmdisks import outputs_root
 from lmrunner.state import LmRecord, Store
 
 LOG = logging.getLogger("lmrunner.factory")
@@ -79,7 +80,7 @@ class Enforcer:
         reason = wallclock_outcome() if now >= record.shutdown_time else None
         mt = config.machinetypes.get(record.machinetype)
         if reason is None and mt is not None and mt.heartbeat_file and record.started:
-            beat_file, directory = mt.heartbeat_file, record.directory / "joboutputs"
+            beat_file, directory = mt.heartbeat_file, outputs_root(record.directory) / "joboutputs"
 
             def beat_mtime() -> float | None:  # lstat of a regular file: a link is no heartbeat
                 beat = untrusted.lstat_regular(directory, beat_file)

@@ -7,10 +7,11 @@ reconcile), so an exit is handled, accounted and its processors reused within a 
 Vac's fixed 60 s cycle.
 
 This module orchestrates; each job has its own module: the plan (:mod:`lmrunner.slots`), a
-start's record and spec (:mod:`lmrunner.spec`), the LM's cgroup (:mod:`lmrunner.lmcgroups`), its
-end and accounting (:mod:`lmrunner.ending`), engine objects nobody holds and old folders
-(:mod:`lmrunner.reconcile`), the rules (:mod:`lmrunner.lifecycle`), fault containment
-(:mod:`lmrunner.guard`) and the state directory's health (:mod:`lmrunner.statedir`).
+start's record and spec (:mod:`lmrunner.spec`), the LM's cgroup (:mod:`lmrunner.lmcgroups`) and
+filesystem (:mod:`lmrunner.lmdisks`), its end and accounting (:mod:`lmrunner.ending`), engine
+objects nobody holds and old folders (:mod:`lmrunner.reconcile`), the rules
+(:mod:`lmrunner.lifecycle`), fault containment (:mod:`lmrunner.guard`) and the state directory's
+health (:mod:`lmrunner.statedir`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lmrunner import planning, slots, spec, statedir
+from lmrunner import lmdisks, payload, planning, slots, spec, statedir
 from lmrunner import reload as reloading
 from lmrunner.backends.base import Backend, EngineState
 from lmrunner.cgroups import CgroupController
 from lmrunner.config import Config
+from lmrunner.diskmethods import DiskMethod
 from lmrunner.ending import RESTART_OUTCOME, UNRECORDED_OUTCOME, Endings, lm_fields
 from lmrunner.enforce import Enforcer
 from lmrunner.errors import BackendError, BackendUnavailable, LmrunnerError, MachineNotFound
@@ -104,6 +106,7 @@ class Factory:
         load_average: Callable[[], tuple[float, float, float]] = os.getloadavg,
         cgroups: CgroupController | None = None,
         images: ImageCache | None = None,
+        disks: DiskMethod | None = None,
     ) -> None:
         self.config = config
         self.images = images or self._image_cache(config, clock)
@@ -112,7 +115,8 @@ class Factory:
         self.backends = backends
         self.cgroups = cgroups
         self.lm_cgroups = LmCgroups(cgroups, store)
-        self.endings = Endings(store, self.lm_cgroups, clock)
+        self.lm_disks = lmdisks.LmDisks(disks, store)
+        self.endings = Endings(store, self.lm_cgroups, self.lm_disks, clock)
         self.reaper = Reaper(store, clock, tuning.orphan_grace_seconds)
         self.enforcer = Enforcer(store, clock, clock())
         self.tuning = tuning
@@ -128,6 +132,7 @@ class Factory:
         self.state_dir = statedir.Watch(store, tuning.min_free_bytes, clock)
         self.started_at = clock()
         self.unavailable: dict[str, str] = {}  # backend -> why (its machinetypes do not start)
+        self.disk_refused: str | None = None  # why the last start was refused for its disk
         self._next_reconcile = 0.0
         self._next_cleanup = 0.0
         self._deadline = 0.0
@@ -266,6 +271,8 @@ class Factory:
         active = self.store.active()  # afresh: some ended above
         self.lm_cgroups.sample_memory(active)
         self.lm_cgroups.remove_leftovers()
+        self.lm_disks.sample(active)
+        self.lm_disks.remove_leftovers()
         self.endings.publish(self.config)
         owned = engine_objects(self.backends, self._unavailable, self.unavailable)
         self.reaper.reap(owned, {record.uuid for record in active})
@@ -316,9 +323,13 @@ class Factory:
             return []
         used = {record.slot for record in active}
         free = (slot for slot in range(self.config.factory.total_processors) if slot not in used)
-        started = []
+        started: list[LmRecord] = []
         for decision, slot in zip(decisions, free, strict=False):
             if self.stopping_requested.is_set():  # SIGTERM arrived during this pass
+                break
+            refused = self._disk_refusal(decision, active + started)
+            if refused is not None:
+                report.blocked = refused
                 break
             record = None
             with guarded(f"slot {slot}"):
@@ -327,6 +338,22 @@ class Factory:
                 report.started.append(record.name)
                 started.append(record)
         return started
+
+    def _disk_refusal(self, decision: slots.StartDecision, active: list[LmRecord]) -> str | None:
+        """Why the state directory cannot hold this LM's disk beside the others' (told once
+        per episode), None when it can."""
+        mt = self.config.machinetypes[decision.machinetype]
+        size = payload.limits_for(self.config, mt, decision.processors).disk_bytes
+        backend = self.backends.get(mt.backend.value)
+        if size > 0 and backend is not None:
+            size += backend.disk_overhead(size)
+        refused = lmdisks.refusal(self.lm_disks.method, self.config.factory, active, size)
+        if refused is not None and self.disk_refused is None:
+            LOG.error("machinetype=%s: no LM starts: %s", mt.name, refused)
+        elif refused is None and self.disk_refused is not None:
+            LOG.warning("disk: the state directory can hold the LMs' disks again")
+        self.disk_refused = refused
+        return refused
 
     # --- remote images -------------------------------------------------------------------
 
@@ -384,8 +411,9 @@ class Factory:
                     raise LmrunnerError(f"image {mt.image}: {image.detail}")
                 downloaded = image.path
             owner = spec.owner(self.config, backend)
+            disk = self.lm_disks.make(record, backend.disk_overhead(record.limits.disk_bytes))
             machine = spec.build(self.config, planned, backend, factory_id=self.store.factory_id,
-                                 owner=owner, downloaded=downloaded)  # fmt: skip
+                                 owner=owner, downloaded=downloaded, disk=disk)  # fmt: skip
             backend.validate(machine)
             cgroup = self.lm_cgroups.make(
                 record,
@@ -523,7 +551,7 @@ class Factory:
     def remove_all(self) -> int:
         """Kill and remove every engine object and cgroup of this factory (tests, demos; never
         the daemon: a factory's LMs outlive it by design); returns how many objects."""
-        return remove_all(self.backends, self.store, self.lm_cgroups)
+        return remove_all(self.backends, self.store, self.lm_cgroups, self.lm_disks)
 
     def close(self) -> None:
         self.images.close()

@@ -368,6 +368,7 @@ def prepare(
     shutdown_time: int,
     lm_dir: Path,
     owner: tuple[int, int],
+    disk: Path | None = None,
     session: requests.Session | None = None,
 ) -> Prepared:
     """Create the LM's directory and everything in it; return the mounts and environment.
@@ -376,6 +377,9 @@ def prepare(
         placement: where the LM's backend puts these files inside the LM.
         limits: the LM's resources (:func:`limits_for`, resolved once by the caller, which gives
             the same to its record, its cgroup and its backend).
+        disk: the LM's own filesystem, mounted at ``lm_dir/mnt`` already
+            (:mod:`lmrunner.lmdisks`): joboutputs and the tmp_binds folders go there. None:
+            they go into ``lm_dir``, unbounded.
         owner: uid and gid the LM runs as: its joboutputs, tmp_binds folders and a user_data
             holding secrets belong to it; everything else is root's and read-only to the LM.
 
@@ -383,7 +387,7 @@ def prepare(
         PayloadError: user_data or a file it needs cannot be read or fetched.
         ProxyError: the proxy cannot be made.
     """
-    lm_dir.mkdir(mode=0o755, parents=True, exist_ok=False)
+    lm_dir.mkdir(mode=0o755, parents=True, exist_ok=disk is not None)
     try:
         template, url = read_template(config, mt, session)
         proxy_pem = make_proxy(config, mt, shutdown_time)
@@ -404,7 +408,7 @@ def prepare(
         # the whole directory (a half-created LM); starts are on the factory's hot path.
         write_features(lm_dir / "machinefeatures", machine, durable=False)
         write_features(lm_dir / "jobfeatures", job, durable=False)
-        joboutputs = lm_dir / "joboutputs"
+        joboutputs = (disk or lm_dir) / "joboutputs"
         joboutputs.mkdir(mode=0o755)
         _chown(joboutputs, owner)
 
@@ -417,7 +421,7 @@ def prepare(
         if mt.cvmfs_repositories:
             mounts.append(Mount(Path("/cvmfs"), placement.cvmfs, read_only=True))
         if mt.tmp_binds:
-            mnt = lm_dir / "mnt"
+            mnt = disk or lm_dir / "mnt"
             mnt.mkdir(mode=0o755, exist_ok=True)
             for index, target in enumerate(mt.tmp_binds):
                 folder = mnt / f"tmp{index}"

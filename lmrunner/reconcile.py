@@ -15,6 +15,7 @@ from lmrunner.config import Config
 from lmrunner.errors import BackendError
 from lmrunner.guard import guarded
 from lmrunner.lmcgroups import LmCgroups
+from lmrunner.lmdisks import LmDisks
 from lmrunner.state import Store
 
 LOG = logging.getLogger("lmrunner.factory")
@@ -85,9 +86,11 @@ def engine_objects(
     return owned
 
 
-def remove_all(backends: Mapping[str, Backend], store: Store, cgroups: LmCgroups) -> int:
-    """Kill and remove every engine object and cgroup of this store's factory (tests and the
-    demo clean up with it); returns how many engine objects."""
+def remove_all(
+    backends: Mapping[str, Backend], store: Store, cgroups: LmCgroups, disks: LmDisks
+) -> int:
+    """Kill and remove every engine object, cgroup and disk of this store's factory (tests and
+    the demo clean up with it); returns how many engine objects."""
     count = 0
     for backend in backends.values():
         try:
@@ -100,6 +103,7 @@ def remove_all(backends: Mapping[str, Backend], store: Store, cgroups: LmCgroups
             LOG.error("backend=%s: cannot remove this factory's objects: %s", backend.name, err)
     for record in store.active():
         cgroups.remove(record)
+        disks.release(record)
     return count
 
 

@@ -82,10 +82,12 @@ def build(
     factory_id: str,
     owner: tuple[int, int],
     downloaded: Path | None = None,
+    disk: Path | None = None,
 ) -> MachineSpec:
     """Make the LM's directory (user_data, MJF, joboutputs) and return its spec (its cgroup is
     made once the backend has validated it). ``downloaded``: the local copy of a remote image
-    (:mod:`lmrunner.images`), which the engine gets instead of the URL."""
+    (:mod:`lmrunner.images`), which the engine gets instead of the URL. ``disk``: the LM's own
+    filesystem, mounted (:mod:`lmrunner.lmdisks`)."""
     record, mt = planned.record, planned.mt
     prepared = payload.prepare(
         config,
@@ -97,6 +99,7 @@ def build(
         shutdown_time=record.shutdown_time,
         lm_dir=record.directory,
         owner=owner,
+        disk=disk,
     )
     files = config.files_dir(mt.name)
     return MachineSpec(
@@ -113,6 +116,7 @@ def build(
         owner=owner,
         stop_grace_seconds=mt.stop_grace_seconds,
         options=backend.options_type.from_machinetype(mt, files),
+        disk=disk,
     )
 
 

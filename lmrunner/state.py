@@ -88,6 +88,8 @@ class LmRecord:
     cpu_seconds: float | None = None
     memory_peak_bytes: int | None = None
     cleaned: bool = False  # its directory was removed after machines_dir_days
+    disk: str | None = None  # its own filesystem (lmrunner.diskmethods.DiskRef), until removed
+    disk_peak_bytes: int | None = None  # the most that filesystem held (sampled)
 
     @property
     def active(self) -> bool:
@@ -185,8 +187,24 @@ def _add_accounting_v2(db: sqlite3.Connection) -> None:
     )
 
 
+def _add_disks_v3(db: sqlite3.Connection) -> None:
+    """Schema 3: each LM's own filesystem and the most it held (issue 16)."""
+    _execute_script(
+        db,
+        """
+        ALTER TABLE lms ADD COLUMN disk TEXT;
+        ALTER TABLE lms ADD COLUMN disk_peak_bytes INTEGER;
+        ALTER TABLE accounting ADD COLUMN disk_peak_bytes INTEGER
+        """,
+    )
+
+
 #: MIGRATIONS[n] takes a database from schema version n to n + 1.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1, _add_accounting_v2]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _create_v1,
+    _add_accounting_v2,
+    _add_disks_v3,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _JSON_FIELDS = {"limits", "handle", "outcome", "stop_reason"}
@@ -365,7 +383,8 @@ class Store:
         columns = (
             "uuid, name, machinetype, backend, slot, state, processors, created, started, "
             "finished, "
-            "shutdown_time, cpu_seconds, memory_peak_bytes, outcome, cgroup, "
+            "shutdown_time, cpu_seconds, memory_peak_bytes, outcome, cgroup, disk_peak_bytes, "
+            "json_extract(disk, '$.mount') AS disk_mount, "
             "json_extract(handle, '$.engine') AS engine"  # not the whole handle: ps never needs it
         )
         marks = ", ".join("?" for _ in ACTIVE)
@@ -513,6 +532,13 @@ class Store:
         """Ended LMs whose cgroup could not be removed yet."""
         rows = self.db.execute(
             "SELECT * FROM lms WHERE cgroup IS NOT NULL AND state IN ('finished', 'failed')"
+        )
+        return [_from_row(row) for row in rows]
+
+    def leftover_disks(self) -> list[LmRecord]:
+        """Ended LMs whose filesystem could not be removed yet."""
+        rows = self.db.execute(
+            "SELECT * FROM lms WHERE disk IS NOT NULL AND state IN ('finished', 'failed')"
         )
         return [_from_row(row) for row in rows]
 

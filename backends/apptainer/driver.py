@@ -133,6 +133,9 @@ class ApptainerBackend:
 
     # --- the protocol ---------------------------------------------------------------------------
 
+    def disk_overhead(self, disk_bytes: int) -> int:
+        return 0  # the payload's files are all there is
+
     def memory_overhead(self) -> int:
         return 0  # the LM's processes are all there is
 

@@ -50,6 +50,9 @@ class Launch:
     #: argv QEMU runs per guest connection to the metadata addresses (user networking only);
     #: None: no metadata service. slirp splits it at spaces: no element may hold one.
     metadata: tuple[str, ...] | None = None
+    #: where the root overlay and the scratch disk are: the LM's own filesystem when it has one
+    #: (its size bounds what the guest can make them take on the host), else ``vm_dir``
+    disk_dir: Path | None = None
 
 
 def qemu_argv(spec: MachineSpec, boot: Plan, launch: Launch) -> list[str]:
@@ -78,7 +81,10 @@ def qemu_argv(spec: MachineSpec, boot: Plan, launch: Launch) -> list[str]:
         "-chardev", f"file,id=console,path={_opt(spec.directory / CONSOLE_LOG)},append=on",
         "-serial", "chardev:console",
     ]  # fmt: skip
-    disk = "if=none,cache=unsafe,discard=unmap"  # throw-away disks: no flushes
+    # Throw-away disks: no flushes. werror/rerror=report: an LM filesystem that is full gives
+    # the guest an I/O error (Vac's error_policy='report'), not a VM paused for ever.
+    disk = "if=none,cache=unsafe,discard=unmap,werror=report,rerror=report"
+    disk_dir = launch.disk_dir or vm_dir
     if boot.kind is ImageKind.KERNEL:
         argv += ["-kernel", str(launch.kernel or boot.image), "-append", boot.append]
         if boot.initrd is not None:
@@ -90,12 +96,12 @@ def qemu_argv(spec: MachineSpec, boot: Plan, launch: Launch) -> list[str]:
         ]  # fmt: skip
     else:
         argv += [
-            "-drive", f"file={_opt(vm_dir / OVERLAY)},format=qcow2,id=root,{disk}",
+            "-drive", f"file={_opt(disk_dir / OVERLAY)},format=qcow2,id=root,{disk}",
             "-device", "virtio-blk-pci,drive=root,serial=root,bootindex=0",
         ]  # fmt: skip
     if launch.scratch:
         argv += [
-            "-drive", f"file={_opt(vm_dir / SCRATCH)},format=qcow2,id=scratch,{disk}",
+            "-drive", f"file={_opt(disk_dir / SCRATCH)},format=qcow2,id=scratch,{disk}",
             "-device", "virtio-blk-pci,drive=scratch,serial=scratch",
         ]  # fmt: skip
     argv += [

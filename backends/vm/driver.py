@@ -80,6 +80,8 @@ if TYPE_CHECKING:
     from lmrunner.config import FactoryConfig
 
 LOG = logging.getLogger("lmrunner.backends.vm")  # one logger for the whole backend
+#: What a VM's own files may take on its LM filesystem beside its scratch disk (plus 1 %).
+DISK_OVERHEAD_BYTES = 64 * 1024 * 1024
 
 HANDLE_VERSION = 1
 #: From QEMU's start to its QMP socket answering (seconds); a QEMU that fails exits sooner.
@@ -189,19 +191,21 @@ class VmBackend:
         try:
             self._write_record(spec.uuid, record)  # first: a half-started LM can be found
             self._drive(spec, boot, vm_dir / DRIVE)
+            disk_dir = vm_dir if spec.disk is None else spec.disk / "vm"
+            disk_dir.mkdir(mode=0o700, exist_ok=True)
             if boot.kind is ImageKind.DISK:
                 self._qemu_img("create", "-q", "-f", "qcow2", "-F", boot.disk_format or "raw",
-                               "-b", boot.image, vm_dir / OVERLAY)  # fmt: skip
+                               "-b", boot.image, disk_dir / OVERLAY)  # fmt: skip
             scratch = spec.limits.disk_bytes > 0
             if scratch:
-                self._qemu_img("create", "-q", "-f", "qcow2", vm_dir / SCRATCH,
+                self._qemu_img("create", "-q", "-f", "qcow2", disk_dir / SCRATCH,
                                str(spec.limits.disk_bytes))  # fmt: skip
             kernel = self._direct_kernel(boot, accel, _version_tuple(version))
             if kernel is not None:
                 record["boot"] = BOOT_UNPACKED
             handler = self._metadata(spec, boot)
             launch = Launch(qemu, _version_tuple(version), accel, vm_dir, runas, scratch, kernel,
-                            handler)  # fmt: skip
+                            handler, disk_dir)  # fmt: skip
             argv = qemu_argv(spec, boot, launch)
             with self._lock:
                 self._children.add(spec.uuid)
@@ -356,6 +360,11 @@ class VmBackend:
             watch.join(timeout=2)
 
     # --- accelerator ----------------------------------------------------------------------
+
+    def disk_overhead(self, disk_bytes: int) -> int:
+        # The scratch image's metadata (qcow2: ~0.02 % at 64 KiB clusters), and room for the
+        # guest's joboutputs and the root overlay beside a scratch disk the guest filled.
+        return DISK_OVERHEAD_BYTES + disk_bytes // 100
 
     def memory_overhead(self) -> int:
         with self._host_errors("cannot tell QEMU's memory overhead", BackendUnavailable):

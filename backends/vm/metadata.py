@@ -42,6 +42,7 @@ if __name__ == "__main__":  # run by QEMU, maybe by another interpreter than the
     sys.path.insert(0, sys.argv[2])  # the folder lmrunner is imported from (see command())
 
 from lmrunner import untrusted
+from lmrunner.layout import root_of
 
 #: The addresses Vac served on (EC2/OpenStack metadata, and MJF); both serve everything here.
 METADATA_ADDRESS = "169.254.169.254"
@@ -159,7 +160,9 @@ class Handler(BaseHTTPRequestHandler):
             self._reply(HTTPStatus.FORBIDDEN, b"one name under /joboutputs/ only\n")
             return
         try:
-            written = untrusted.replace(self.lm_dir, f"joboutputs/{name}", self._body(), PUT_LIMIT)
+            written = untrusted.replace(
+                root_of(self.lm_dir, "joboutputs"), f"joboutputs/{name}", self._body(), PUT_LIMIT
+            )
         except _TooLarge:
             self.close_connection = True  # the rest of the body is not read
             self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, b"too large\n")
@@ -220,7 +223,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _file(self, name: str) -> bytes | None:
         try:
-            found = untrusted.read(self.lm_dir, name, READ_LIMIT)
+            found = untrusted.read(root_of(self.lm_dir, name), name, READ_LIMIT)
         except (untrusted.UntrustedFileError, OSError):
             return None
         return None if found is None else found.data
@@ -228,7 +231,7 @@ class Handler(BaseHTTPRequestHandler):
     def _features_index(self, folder: str) -> bytes:
         items = "".join(
             f'<li><a href="{html.escape(key)}">{html.escape(key)}</a></li>\n'
-            for key in untrusted.names(self.lm_dir, folder)
+            for key in untrusted.names(root_of(self.lm_dir, folder), folder)
         )
         return f"<html><body><ul>\n{items}</ul></body></html>\n".encode()
 

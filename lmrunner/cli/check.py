@@ -69,10 +69,16 @@ def _where_set(documents: Sequence[Located], keys: Sequence[str]) -> str | None:
 
 def host_report(config: Config, backends: Mapping[str, Backend]) -> list[str]:
     """What this host gives the configuration: cgroups, and each backend's engine (accel...)."""
+    from lmrunner.diskmethods import DiskUnsupported, open_disk_method
+    from lmrunner.diskmethods import describe as describe_disks
     from lmrunner.lmcgroups import describe, host_cgroups
 
     cgroups = host_cgroups(config.factory)
     lines = [describe(cgroups, config.factory)]
+    try:
+        lines.append(describe_disks(open_disk_method(config.factory)))
+    except DiskUnsupported as err:
+        lines.append(f"disks: none ({err})")
     for name, backend in sorted(backends.items()):
         probe = backend.probe()
         lines.append(f"backend {name}: {probe.health} {probe.version or ''} {probe.detail}".strip())

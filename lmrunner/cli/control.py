@@ -9,6 +9,7 @@ from typing import Any
 from lmrunner import untrusted
 from lmrunner.cli.common import common_options, daemon_pid, open_store
 from lmrunner.errors import LmrunnerError
+from lmrunner.lmdisks import outputs_root
 from lmrunner.state import LmRecord, Store
 
 
@@ -88,12 +89,13 @@ def run_logs(args: argparse.Namespace) -> int:
     shown = 0
     # The engine's logs (the LM directory's own) first, then what the payload left; all of it
     # written by the payload, so read without following links and only so much of each.
-    logs = [n for n in untrusted.names(record.directory) if n.endswith(".log")]
-    outputs = [f"joboutputs/{n}" for n in untrusted.names(record.directory, "joboutputs")]
-    for name in [*logs, *outputs]:
-        path = record.directory / name
+    logs = [(record.directory, n) for n in untrusted.names(record.directory) if n.endswith(".log")]
+    root = outputs_root(record.directory)  # on the LM's own filesystem while it is mounted
+    outputs = [(root, f"joboutputs/{n}") for n in untrusted.names(root, "joboutputs")]
+    for where, name in [*logs, *outputs]:
+        path = where / name
         try:
-            got = untrusted.read(record.directory, name, untrusted.LOG_LIMIT, tail=True)
+            got = untrusted.read(where, name, untrusted.LOG_LIMIT, tail=True)
         except (untrusted.UntrustedFileError, OSError) as err:
             print(f"==> {path} <==\n(not shown: {err})")
             continue

@@ -19,10 +19,12 @@ from lmrunner.backends.base import Backend
 from lmrunner.cli.check import unsupported_lines
 from lmrunner.cli.common import common_options, load
 from lmrunner.config import Config
+from lmrunner.diskmethods import describe as describe_disks
 from lmrunner.errors import ConfigError, LmrunnerError
 from lmrunner.factory import Factory, PassReport, Tuning
 from lmrunner.fetch import ca_verify
 from lmrunner.lmcgroups import describe, host_cgroups
+from lmrunner.lmdisks import host_disks
 from lmrunner.pipes import PipeStore
 from lmrunner.pipewatch import PipeWatch
 from lmrunner.state import Store, StoreError
@@ -101,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     cgroups = host_cgroups(config.factory)
     if cgroups is not None:
         LOG.info("%s", describe(cgroups, config.factory))
+    disks = host_disks(config.factory)
+    LOG.info("%s", describe_disks(disks))
     backends = make_backends(names, config.factory, cgroups)
     for name in sorted(names - set(backends)):
         LOG.error(
@@ -109,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     for backend in backends.values():
         _log_probe(backend)
     tuning = Tuning(max_starts_per_pass=args.max_starts, reconcile_seconds=args.reconcile)
-    factory = Factory(config, store, backends, tuning=tuning, cgroups=cgroups)
+    factory = Factory(config, store, backends, tuning=tuning, cgroups=cgroups, disks=disks)
     status = _Status(factory)
 
     def reload() -> None:

@@ -8,8 +8,9 @@ import sys
 import time
 from typing import Any
 
-from lmrunner import slots
+from lmrunner import lmdisks, payload, slots
 from lmrunner.cli.common import common_options, load
+from lmrunner.diskmethods import DiskMethod, DiskUnsupported, open_disk_method
 from lmrunner.lifecycle import ACTIVE
 from lmrunner.state import Store
 
@@ -42,6 +43,11 @@ def run(args: argparse.Namespace) -> int:
         for r in active
         if r.state in ACTIVE
     ]
+    disks: DiskMethod | None
+    try:
+        disks = open_disk_method(config.factory)
+    except DiskUnsupported:
+        disks = None
     rows: list[dict[str, Any]] = []
     for name, mt in config.machinetypes.items():
         record = last.get(name)
@@ -49,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
         history = slots.TypeHistory(last_abort=record.finished if aborted and record else None)
         mine = [r for r in running if r.machinetype == name]
         blocked = slots.eligible(mt, config, running, history, now)
+        if blocked is None:  # the state directory's room for its smallest LM's disk
+            size = payload.limits_for(config, mt, mt.min_processors).disk_bytes
+            blocked = lmdisks.refusal(disks, config.factory, active, size)
         rows.append(
             {
                 "machinetype": name,

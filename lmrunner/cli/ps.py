@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -18,7 +19,9 @@ from lmrunner.cli.common import common_options, open_store
 from lmrunner.errors import CgroupError
 
 SCHEMA = "lmrunner.ps/1"
-COLUMNS = ("NAME", "MACHINETYPE", "BACKEND", "STATE", "PROCS", "UPTIME", "CPU%", "MEM", "OUTCOME")
+COLUMNS = (
+    "NAME", "MACHINETYPE", "BACKEND", "STATE", "PROCS", "UPTIME", "CPU%", "MEM", "DISK", "OUTCOME",
+)  # fmt: skip
 ACTIVE = ("creating", "starting", "running", "stopping")
 
 
@@ -71,7 +74,21 @@ def _with_live_usage(row: sqlite3.Row) -> dict[str, Any]:
             live = None
         if live is not None:
             values["cpu_seconds"], values["memory_bytes"] = live
+    values["disk_bytes"] = None
+    if row["state"] in ACTIVE and row["disk_mount"] is not None:
+        values["disk_bytes"] = _disk_used(row["disk_mount"])
     return values
+
+
+def _disk_used(mount: str) -> int | None:
+    """What a running LM's own filesystem holds now (None: not mounted, or unreadable)."""
+    try:
+        if not os.path.ismount(mount):
+            return None
+        info = os.statvfs(mount)
+    except OSError:
+        return None
+    return (info.f_blocks - info.f_bfree) * info.f_frsize
 
 
 def _outcome(row: dict[str, Any]) -> dict[str, Any] | None:
@@ -100,6 +117,9 @@ def to_json(row: dict[str, Any]) -> dict[str, Any]:
         "cpu_seconds": row["cpu_seconds"],
         "memory_bytes": row["memory_bytes"],
         "memory_peak_bytes": row["memory_peak_bytes"],
+        # The LM's own filesystem: what it holds now (running), the most it held (sampled).
+        "disk_bytes": row["disk_bytes"],
+        "disk_peak_bytes": row["disk_peak_bytes"],
         "outcome": _outcome(row),
         # Facts the backend gives about how its engine runs the LM (a VM's accel, a container).
         "engine": _engine(row),
@@ -108,6 +128,7 @@ def to_json(row: dict[str, Any]) -> dict[str, Any]:
             "cpu_seconds": row["cpu_seconds"] is not None,
             "memory_bytes": row["memory_bytes"] is not None,
             "memory_peak_bytes": row["memory_peak_bytes"] is not None,
+            "disk_bytes": row["disk_bytes"] is not None,
         },
     }
 
@@ -127,13 +148,15 @@ def table(rows: list[dict[str, Any]], now: float) -> str:
         if memory is None:
             memory = row["memory_peak_bytes"]
         mem = "-" if memory is None else f"{memory / 1048576:.0f}M"
+        disk = row["disk_bytes"] if row["disk_bytes"] is not None else row["disk_peak_bytes"]
+        shown_disk = "-" if disk is None else f"{disk / 1048576:.0f}M"
         outcome = _outcome(row)
         shown = "-" if outcome is None else f"{outcome['code']} {outcome['text']}"[:40]
         if row["state"] in ACTIVE:
             active += 1
             processors += row["processors"]
         lines.append((row["name"], row["machinetype"], row["backend"], row["state"],
-                      str(row["processors"]), uptime, cpu, mem, shown))  # fmt: skip
+                      str(row["processors"]), uptime, cpu, mem, shown_disk, shown))  # fmt: skip
     widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS) - 1)]
     out = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False))
            + "  " + line[-1] for line in lines]  # fmt: skip

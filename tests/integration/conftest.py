@@ -27,6 +27,7 @@ from lmrunner.config import Config
 from lmrunner.factory import Factory, Tuning
 from lmrunner.lifecycle import LmState
 from lmrunner.lmcgroups import host_cgroups
+from lmrunner.lmdisks import host_disks
 from lmrunner.state import LmRecord, Store
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,6 +136,7 @@ def remove_lms(config_file: Path) -> int:
     from lmrunner.backends import make_backends
     from lmrunner.factory import Factory
     from lmrunner.lmcgroups import host_cgroups
+    from lmrunner.lmdisks import host_disks
     from lmrunner.loader import load_config
     from lmrunner.state import Store
 
@@ -146,6 +148,7 @@ def remove_lms(config_file: Path) -> int:
         Store(config.factory.state_dir),
         make_backends(names, config.factory, cgroups),
         cgroups=cgroups,
+        disks=host_disks(config.factory),
     )
     try:
         return factory.remove_all()
@@ -190,16 +193,20 @@ class Factories:
     ``make`` adopts what the state folder's earlier factories left; ``close`` removes every LM
     (LMs outlive factories by design; tests must not leave them), calls ``after_remove`` on each
     factory (a backend's own check or safety net), then closes the factories and their stores.
+    With ``disks``, LMs get the host's per-LM filesystems (``factory.disk_method``).
     """
 
     def __init__(
         self,
         backend: str,
         after_remove: Callable[[Factory], None] | None = None,
+        *,
+        disks: bool = False,
         **tuning: Any,
     ) -> None:
         self.backend = backend
         self.after_remove = after_remove
+        self.disks = disks
         self.tuning: dict[str, Any] = {"reconcile_seconds": 5, **tuning}
         self.made: list[Factory] = []
 
@@ -212,6 +219,7 @@ class Factories:
             tuning=Tuning(**{**self.tuning, **tuning}),
             load_average=lambda: (0.0, 0.0, 0.0),
             cgroups=cgroups,
+            disks=host_disks(config.factory) if self.disks else None,
         )
         factory.adopt()
         self.made.append(factory)

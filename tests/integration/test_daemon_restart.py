@@ -30,6 +30,7 @@ factory:
   hostname: churn.example.com
   state_dir: {state}
   total_processors: 2
+  disk_gb_per_processor: 0.1
 machinetypes:
   quick:
     backend: fake

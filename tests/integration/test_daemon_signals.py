@@ -22,6 +22,7 @@ factory:
   hostname: signals.example.com
   state_dir: {state}
   total_processors: 1
+  disk_gb_per_processor: 0.1
 machinetypes:
   long:
     backend: fake

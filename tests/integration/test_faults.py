@@ -52,6 +52,7 @@ class Site:
                 "state_dir": str(self.state),
                 "total_processors": min(2, len(os.sched_getaffinity(0))),
                 "overload_per_processor": 100,
+                "disk_gb_per_processor": 1,
                 **factory,
             },
             "machinetypes": machinetypes,

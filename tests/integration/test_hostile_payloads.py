@@ -246,6 +246,7 @@ def write_config(top: Path, backend: str, engine: Engine, scripts: dict[str, str
         "state_dir": str(top / "state"),
         "total_processors": min(2, len(os.sched_getaffinity(0))),
         "overload_per_processor": 100,  # TCG guests and 1 GiB writes load this small host
+        "disk_gb_per_processor": 2,  # each LM's own filesystem: room for the 1 GiB file
         **engine.factory,
     }
     path = top / "lmrunner.yaml"

@@ -117,6 +117,7 @@ def test_a_running_lm_shows_live_cpu_and_memory(
         "cpu_seconds": True,
         "memory_bytes": True,
         "memory_peak_bytes": False,
+        "disk_bytes": False,
     }
 
 
@@ -148,6 +149,7 @@ def test_a_vanished_cgroup_shows_dashes(
         "cpu_seconds": False,
         "memory_bytes": False,
         "memory_peak_bytes": False,
+        "disk_bytes": False,
     }
 
 
@@ -168,6 +170,7 @@ def test_an_lm_without_a_cgroup_is_not_measured_live(
         "cpu_seconds": False,
         "memory_bytes": False,
         "memory_peak_bytes": False,
+        "disk_bytes": False,
     }
 
 
@@ -198,4 +201,5 @@ def test_an_ended_lm_shows_its_final_values_not_its_leftover_cgroup(
         "cpu_seconds": True,
         "memory_bytes": False,
         "memory_peak_bytes": True,
+        "disk_bytes": False,
     }

@@ -28,6 +28,7 @@ from lmrunner.lifecycle import (
     wallclock_outcome,
 )
 from lmrunner.lmcgroups import LmCgroups, cgroup_name
+from lmrunner.lmdisks import LmDisks
 from lmrunner.state import LmRecord
 from tests.unit.test_factory import LIMITS, T0, Env, bare_record, message_file, outcome_of
 from tests.unit.test_factory_cgroups import USED, FakeCgroups
@@ -48,7 +49,9 @@ class Setup:
         self.env.backend = self.engine
         self.fake = FakeCgroups()
         self.cgroups = LmCgroups(self.fake, self.env.store)
-        self.endings = Endings(self.env.store, self.cgroups, self.env.clock)
+        self.endings = Endings(
+            self.env.store, self.cgroups, LmDisks(None, self.env.store), self.env.clock
+        )
 
     def config(self, **alpha: Any) -> Config:
         return self.env.config(
@@ -306,7 +309,9 @@ def test_a_cgroup_that_cannot_be_removed_stays_recorded(s: Setup) -> None:
 
 
 def test_without_cgroups_the_lm_is_unmeasured(s: Setup) -> None:
-    endings = Endings(s.env.store, LmCgroups(None, s.env.store), s.env.clock)
+    endings = Endings(
+        s.env.store, LmCgroups(None, s.env.store), LmDisks(None, s.env.store), s.env.clock
+    )
     record = s.env.store.insert(bare_record(s.env, 0, UUID))
     s.env.store.transition(UUID, LmState.STARTING)
     lm = s.env.store.transition(UUID, LmState.RUNNING, started=float(T0))  # no handle

@@ -98,6 +98,7 @@ def make_v1(state_dir: Path, records: list[LmRecord], factory_id: str | None) ->
             db.execute("INSERT INTO meta (key, value) VALUES ('factory_id', ?)", (factory_id,))
         for record in records:
             row = state_mod._to_row(record)
+            del row["disk"], row["disk_peak_bytes"]  # schema 3's
             row["updated"] = time.time()
             marks = ", ".join("?" for _ in row)
             db.execute(f"INSERT INTO lms ({', '.join(row)}) VALUES ({marks})", tuple(row.values()))
@@ -106,8 +107,8 @@ def make_v1(state_dir: Path, records: list[LmRecord], factory_id: str | None) ->
         db.close()
 
 
-def test_schema_is_version_2() -> None:
-    assert SCHEMA_VERSION == 2
+def test_schema_is_version_3() -> None:
+    assert SCHEMA_VERSION == 3
 
 
 def test_a_schema_1_database_is_migrated_and_keeps_its_lms(tmp_path: Path) -> None:
@@ -126,7 +127,7 @@ def test_a_schema_1_database_is_migrated_and_keeps_its_lms(tmp_path: Path) -> No
     make_v1(state_dir, [running, done], factory_id="factory-1")
     store = Store(state_dir)
     try:
-        assert store.schema_version() == 2
+        assert store.schema_version() == SCHEMA_VERSION
         assert store.factory_id == "factory-1"  # kept, not made anew
         assert store.get(running.uuid) == running
         assert store.get(done.uuid) == done
@@ -140,7 +141,7 @@ def test_a_schema_1_database_is_migrated_and_keeps_its_lms(tmp_path: Path) -> No
     # Opened again: nothing to migrate, nothing lost.
     again = Store(state_dir)
     try:
-        assert again.schema_version() == 2
+        assert again.schema_version() == SCHEMA_VERSION
         assert [r.uuid for r in again.accounting()] == [done.uuid]
         assert again.get(done.uuid) == done
     finally:
@@ -160,7 +161,7 @@ def test_a_schema_1_database_without_factory_id_gets_one(tmp_path: Path) -> None
 def test_a_schema_1_database_is_refused_read_only(tmp_path: Path) -> None:
     """``ps`` never migrates: it says the schema is not the one it reads."""
     make_v1(tmp_path / "state", [], factory_id="f")
-    with pytest.raises(StoreError, match="schema 1, expected 2"):
+    with pytest.raises(StoreError, match=f"schema 1, expected {SCHEMA_VERSION}"):
         Store(tmp_path / "state", readonly=True)
 
 

@@ -63,6 +63,7 @@ def site_config(**machinetype_changes: Any) -> dict[str, Any]:
             "state_dir": str(STATE),
             "total_processors": 2,
             "mb_per_processor": 256,
+            "disk_gb_per_processor": 1,
         },
         "machinetypes": machinetypes,
     }

@@ -30,7 +30,9 @@ from lmrunner.lifecycle import LmState, Outcome, OutcomeSource
 from lmrunner.model import Handle, Limits
 from lmrunner.state import DB_NAME, LmRecord, Store
 
-HEADER = ["NAME", "MACHINETYPE", "BACKEND", "STATE", "PROCS", "UPTIME", "CPU%", "MEM", "OUTCOME"]
+HEADER = [
+    "NAME", "MACHINETYPE", "BACKEND", "STATE", "PROCS", "UPTIME", "CPU%", "MEM", "DISK", "OUTCOME",
+]  # fmt: skip
 PS_KEYS = {
     "engine",
     "name",
@@ -46,6 +48,8 @@ PS_KEYS = {
     "cpu_seconds",
     "memory_bytes",
     "memory_peak_bytes",
+    "disk_bytes",
+    "disk_peak_bytes",
     "outcome",
     "measured",
 }
@@ -57,6 +61,7 @@ factory:
   state_dir: {state}
   total_processors: 1
   overload_per_processor: 1000000
+  disk_method: none  # a loop-mounted disk per LM needs mkfs and mount: integration tests
 machinetypes:
   quick:
     backend: fake
@@ -189,7 +194,7 @@ def test_ps_table_has_the_columns_one_line_per_active_lm_and_a_totals_line(
     assert first[1:5] == ["quick", "fake", "running", "2"]
     assert first[5].count(":") == 2  # uptime H:MM:SS
     assert first[6] == "50.0"  # an hour of CPU over an hour on two processors
-    assert first[7:] == ["-", "-"]
+    assert first[7:] == ["-", "-", "-"]
     assert lines[-1] == "2 active LMs using 3 processors"
 
 
@@ -210,7 +215,7 @@ def test_ps_all_adds_finished_lms_and_counts_them(
     # Active LMs first, then ended ones newest first.
     assert names == ["vac01-00.example.com", "vac01-01.example.com", "vac01-02.example.com"]
     assert lines[2].split()[3] == "finished"
-    assert lines[2].endswith("  512M  200 Intended work completed ok")
+    assert lines[2].endswith("  512M  -     200 Intended work completed ok")
     assert lines[-1] == "1 active LMs using 1 processors; 2 ended"
 
 
@@ -276,6 +281,7 @@ def test_ps_json_document(state: Path, store: Store, capsys: pytest.CaptureFixtu
         "cpu_seconds": False,
         "memory_bytes": False,
         "memory_peak_bytes": False,
+        "disk_bytes": False,
     }
 
     assert run("ps", "--json", "--all", "--state-dir", state) == 0
@@ -292,6 +298,7 @@ def test_ps_json_document(state: Path, store: Store, capsys: pytest.CaptureFixtu
         "cpu_seconds": True,
         "memory_bytes": False,
         "memory_peak_bytes": True,
+        "disk_bytes": False,
     }
 
 
