@@ -141,6 +141,11 @@ class LoopDisks:
             self.root.mkdir(mode=0o700, exist_ok=True)
             ref.mount.mkdir(mode=0o755, parents=True, exist_ok=True)
             fd = os.open(ref.image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError as err:  # someone else's: never removed here
+            raise DiskError(f"cannot make {ref.image}: it exists") from err
+        except OSError as err:
+            raise DiskError(f"cannot make {ref.image}: {err.strerror}") from err
+        try:
             try:
                 os.ftruncate(fd, image_bytes(ref.size_bytes))
             finally:

@@ -199,6 +199,10 @@ def keep_outputs(mount: Path, directory: Path, name: str) -> None:
         LOG.error("lm=%s: cannot keep its joboutputs: %s", name, err)
         return
     total = kept = skipped = 0
+    for entry in untrusted.names(directory, "joboutputs"):  # kept by an earlier try: count them
+        found = untrusted.lstat_regular(directory, f"joboutputs/{entry}")
+        kept += 1
+        total += 0 if found is None else found.st_size
     for entry in untrusted.names(mount, "joboutputs"):
         if kept >= KEEP_FILES or total >= KEEP_TOTAL:
             skipped += 1

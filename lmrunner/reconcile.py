@@ -113,8 +113,8 @@ def cleanup_directories(config: Config, store: Store, now: float) -> list[Path]:
     kept = [mt.machines_dir_days for mt in config.machinetypes.values()]
     youngest = min([d for d in kept if d > 0] + [DEFAULT_DIR_DAYS])
     for record in store.ended_before(now - youngest * 86400, cleaned=False):
-        if record.finished is None:
-            continue
+        if record.finished is None or record.disk is not None:
+            continue  # its filesystem is still mounted there: removed first, by a reconcile
         mt = config.machinetypes.get(record.machinetype)
         days = mt.machines_dir_days if mt else DEFAULT_DIR_DAYS
         if days > 0 and now - record.finished > days * 86400:

@@ -18,14 +18,15 @@ LOG = logging.getLogger("lmrunner.factory")
 
 
 def pinned(old: Config, new: Config) -> Config:
-    """``new``, with what changes only at a restart kept from ``old``: the state directory and
-    the cgroup parent (the store and the running LMs' cgroups live there)."""
-    keep = (old.factory.state_dir, old.factory.cgroup_parent)
-    if (new.factory.state_dir, new.factory.cgroup_parent) == keep:
+    """``new``, with what changes only at a restart kept from ``old``: the state directory, the
+    cgroup parent (the store and the running LMs' cgroups live there) and the disk method (the
+    running LMs' filesystems were made by it)."""
+    names = ("state_dir", "cgroup_parent", "disk_method")
+    keep = {name: getattr(old.factory, name) for name in names}
+    if all(getattr(new.factory, name) == value for name, value in keep.items()):
         return new
-    LOG.warning("factory.state_dir and factory.cgroup_parent change at a restart only")
-    factory = replace(new.factory, state_dir=keep[0], cgroup_parent=keep[1])
-    return replace(new, factory=factory)
+    LOG.warning("factory.%s change at a restart only", ", factory.".join(names))
+    return replace(new, factory=replace(new.factory, **keep))
 
 
 def remade(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -338,3 +339,42 @@ def test_kill_9_daemon_adopts_running_lms_with_their_disks_and_cleans_the_ended_
     text = log.read_text()
     assert "Traceback" not in text
     assert "cannot remove its disk" not in text and "unrecorded disk" not in text
+
+
+def test_no_lm_starts_when_the_state_directory_cannot_hold_its_disk(
+    request: pytest.FixtureRequest, top: Path
+) -> None:
+    """A promise beyond the free space refuses the start, in the log and ``machinetypes``; an
+    explicit overcommit ratio that makes room lets it start."""
+    if loop_missing() is not None:
+        pytest.skip(f"no loop devices here: {loop_missing()}")
+    info = os.statvfs(top)
+    free_gb = info.f_bavail * info.f_frsize / 1e9
+    eng = Engine({"backend": "fake", "image": "fake:seconds=600"}, {}, size_gb=free_gb * 1.5)
+    config_file = write_config(top, eng, "")
+    log = top / "daemon.log"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "lmrunner", *args, "--config", str(config_file)],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+
+    done = cli("daemon", "--once")
+    log.write_text(done.stderr)
+    assert done.returncode == 0, done.stderr
+    assert "no LM starts: disk:" in done.stderr and "disk_overcommit 1" in done.stderr
+    assert _records(top / "state") == []
+    shown = cli("machinetypes")
+    assert "no: disk:" in shown.stdout, shown.stdout
+    document = yaml.safe_load(config_file.read_text())
+    document["factory"]["disk_overcommit"] = 2.0
+    config_file.write_text(yaml.safe_dump(document))
+    try:
+        done = cli("daemon", "--once")
+        assert done.returncode == 0, done.stderr
+        (record,) = _records(top / "state")
+        assert record.disk is not None and os.path.ismount(record.directory / "mnt")
+    finally:
+        remove_lms(config_file)
+    assert list((top / "state" / "disks").glob("*.img")) == []

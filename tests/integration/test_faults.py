@@ -461,7 +461,7 @@ def test_full_and_read_only_state_directory_pause_starts_and_lose_nothing(
     site: Site, small_fs: SmallFs
 ) -> None:
     site.state = small_fs.mount / "state"
-    site.write({"quick": fake(2)})
+    site.write({"quick": fake(2)}, disk_gb_per_processor=0.01)  # the state fs holds 100 MB
     try:
         with running(site) as daemon:
             wait_alive(daemon, site, lambda: any_lm(site, is_active=False), 30, "an LM ended")

@@ -130,7 +130,7 @@ def test_pinned_keeps_state_dir_and_cgroup_parent_with_a_warning(
     assert kept.machinetypes == new.machinetypes
     assert kept.factory == replace(new.factory, state_dir=env.state_dir, cgroup_parent="/lmrunner")
     assert [r.getMessage() for r in caplog.records] == [
-        "factory.state_dir and factory.cgroup_parent change at a restart only"
+        "factory.state_dir, factory.cgroup_parent, factory.disk_method change at a restart only"
     ]
     assert caplog.records[0].levelno == logging.WARNING
 
