@@ -182,6 +182,8 @@ class LoopDisks:
             try:
                 runner.run(["umount", ref.mount], timeout=MOUNT_TIMEOUT)
             except LmrunnerError as err:
+                if not os.path.ismount(ref.mount):  # it went, whatever umount said after
+                    return self._unlink(ref)
                 # Busy (a process of the LM outlived it, a shell of an admin in it): detached
                 # now, freed by the kernel when its last user goes; the image goes below.
                 LOG.warning("disk %s: %s; detaching it lazily", ref.mount, err)
@@ -189,6 +191,9 @@ class LoopDisks:
                     runner.run(["umount", "--lazy", ref.mount], timeout=MOUNT_TIMEOUT)
                 except LmrunnerError as lazy:
                     raise DiskError(f"cannot unmount {ref.mount}: {lazy}") from lazy
+        self._unlink(ref)
+
+    def _unlink(self, ref: DiskRef) -> None:
         try:
             ref.image.unlink(missing_ok=True)
         except OSError as err:

@@ -101,6 +101,14 @@ class LmDisks:
     def __init__(self, method: DiskMethod | None, store: Store) -> None:
         self.method = method
         self.store = store
+        self._told: dict[str, str] = {}  # uuid -> the removal problem last logged
+
+    def _tell(self, record: LmRecord, problem: str) -> None:
+        """Log a disk that cannot be removed once per problem, not on every retry (a
+        read-only state directory would repeat it each pass)."""
+        if self._told.get(record.uuid) != problem:
+            self._told[record.uuid] = problem
+            LOG.error("lm=%s: cannot remove its disk yet: %s", record.name, problem)
 
     def make(self, record: LmRecord, overhead: int = 0) -> Path | None:
         """Record, make and mount the LM's filesystem (its disk size, plus ``overhead`` for the
@@ -155,9 +163,11 @@ class LmDisks:
         try:
             self.method.release(ref)
         except DiskError as err:
-            LOG.error("lm=%s: cannot remove its disk yet: %s", record.name, err)
+            self._tell(record, str(err))
             return False
         self.store.update(record.uuid, disk=None)
+        if self._told.pop(record.uuid, None) is not None:
+            LOG.info("lm=%s: its disk is removed", record.name)
         return True
 
     def remove_leftovers(self) -> None:
@@ -182,7 +192,7 @@ class LmDisks:
             try:
                 self.method.release(ref)
             except DiskError as err:
-                LOG.error("lm=%s: cannot remove its unrecorded disk: %s", record.name, err)
+                self._tell(record, f"unrecorded: {err}")
             else:
                 LOG.warning("lm=%s: removed a disk its record did not name", record.name)
 

@@ -46,6 +46,7 @@ import pytest
 import yaml
 
 from lmrunner.config import FactoryConfig
+from lmrunner.layout import outputs_root
 from lmrunner.lifecycle import LmState, OutcomeSource
 from lmrunner.lmcgroups import host_cgroups
 from lmrunner.state import LmRecord, Store
@@ -299,10 +300,11 @@ def watch(daemon: subprocess.Popen[bytes], observed: Observed, state: Path) -> N
                 last_progress = time.monotonic()
         first = {t: lm for t in HOSTILE if snap and (lm := snap.first_of(t)) is not None}
         for name, lm in first.items():
-            planted = lm.directory / "joboutputs" / "planted"
+            outputs = outputs_root(lm.directory) / "joboutputs"  # on the LM's own filesystem
+            planted = outputs / "planted"
             with contextlib.suppress(FileNotFoundError):
                 observed.planted_at.setdefault(name, planted.lstat().st_mtime)
-                if (lm.directory / "joboutputs" / REFUSED).exists():
+                if (outputs / REFUSED).exists():
                     observed.refused.add(name)
         for name in HEARTBEAT_TYPES:
             lm = first.get(name)
