@@ -86,11 +86,10 @@ class FactoryConfig:
     description: str = option("", "Free text describing the space.", vac="description")
     factories: tuple[str, ...] = option(
         (),
-        "Factories of the space queried through VacQuery ('.' = this host); must include this "
-        "factory when given.",
+        "Factories of the space ('.' = this host; must include this factory when given): each "
+        "is asked through VacQuery what it runs, so target shares and backoff (an abort "
+        "anywhere) hold across the space; `lmrunner factories` lists them.",
         vac="factories",
-        unsupported="not supported yet: lmrunner queries no other factory (VacQuery), so target "
-        "shares count this factory's LMs only",
     )
     state_dir: Path = option(
         Path("/var/lib/lmrunner"),
@@ -206,11 +205,18 @@ class FactoryConfig:
     )
     udp_timeout_seconds: float = option(
         10.0,
-        "Total VacQuery wait budget.",
+        "How long a VacQuery round may take in all (Vac's per-round silence is a fifth of it).",
         unit="s",
         vac="udp_timeout_seconds",
         minimum=0.1,
-        unsupported="not supported yet: lmrunner sends no VacQuery requests",
+    )
+    vacquery_port: int = option(
+        995,
+        "UDP port of the VacQuery responder (Vac's 995), which answers other factories' and "
+        "Vac's queries about this factory's LMs and machinetypes; also the port queries go to. "
+        "0: no responder.",
+        minimum=0,
+        maximum=65535,
     )
     sc_user: str = option(
         "lmrunner-sc",

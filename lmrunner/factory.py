@@ -44,6 +44,7 @@ from lmrunner.lifecycle import (
 from lmrunner.lmcgroups import LmCgroups
 from lmrunner.reconcile import Reaper, cleanup_directories, engine_objects, remove_all
 from lmrunner.state import LmRecord, Store, StoreError, StoreUnwritable
+from lmrunner.vacquery.space import SpaceView
 
 LOG = logging.getLogger(__name__)
 CLEANUP_SECONDS = 3600.0  # LM directories live for days: an hourly look is enough
@@ -107,6 +108,7 @@ class Factory:
         cgroups: CgroupController | None = None,
         images: ImageCache | None = None,
         disks: DiskMethod | None = None,
+        space: Callable[[], SpaceView | None] | None = None,
     ) -> None:
         self.config = config
         self.images = images or self._image_cache(config, clock)
@@ -116,6 +118,8 @@ class Factory:
         self.cgroups = cgroups
         self.lm_cgroups = LmCgroups(cgroups, store)
         self.lm_disks = lmdisks.LmDisks(disks, store)
+        #: The latest view of the other factories of the space (None: this one plans alone).
+        self.space = space or (lambda: None)
         self.endings = Endings(store, self.lm_cgroups, self.lm_disks, clock)
         self.reaper = Reaper(store, clock, tuning.orphan_grace_seconds)
         self.enforcer = Enforcer(store, clock, clock())
@@ -302,7 +306,7 @@ class Factory:
         engines = set(self.backends) - set(self.unavailable) if working_engines_only else None
         waiting = self._images_waiting() if working_engines_only else set()
         config, running, histories = planning.inputs(
-            self.config, self.store, active, engines, waiting
+            self.config, self.store, active, engines, waiting, self.space()
         )
         return slots.plan(
             config,
@@ -393,7 +397,7 @@ class Factory:
         return waiting
 
     def histories(self) -> dict[str, slots.TypeHistory]:
-        return planning.histories(self.config, self.store)
+        return planning.histories(self.config, self.store, self.space())
 
     def _start(self, decision: slots.StartDecision, slot: int) -> LmRecord | None:
         mt = self.config.machinetypes[decision.machinetype]

@@ -1,6 +1,7 @@
 """What the planner (:mod:`lmrunner.slots`, pure) is given on this host: the machinetypes whose
 engine works, ``lmrunner drain`` on top of the configuration, the running LMs and each
-machinetype's history (Vac's backoff input)."""
+machinetype's history (Vac's backoff input), with what the other factories of the space run
+and their aborts when there is a view of the space (:mod:`lmrunner.vacquery.space`)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,30 @@ from dataclasses import replace
 from lmrunner import slots
 from lmrunner.config import Config
 from lmrunner.state import LmRecord, Store
+from lmrunner.vacquery.space import SpaceView
 
 
-def histories(config: Config, store: Store) -> dict[str, slots.TypeHistory]:
-    """Vac's backoff input: the end of the most recently created finished LM, if an abort."""
+def histories(
+    config: Config, store: Store, space: SpaceView | None = None
+) -> dict[str, slots.TypeHistory]:
+    """Vac's backoff input: the end of the most recently created finished LM, if an abort; with
+    a view of the space, the latest abort on any factory and what the others run (§3.4)."""
     out: dict[str, slots.TypeHistory] = {}
     for name, record in store.last_finished(config.machinetypes).items():
         aborted = record.outcome is not None and record.outcome.abort
         out[name] = slots.TypeHistory(last_abort=record.finished if aborted else None)
+    if space is None:
+        return out
+    for name, there in space.types.items():
+        if name not in config.machinetypes:
+            continue
+        here = out.get(name, slots.TypeHistory(last_abort=None))
+        aborts = [t for t in (here.last_abort, there.last_abort) if t is not None]
+        out[name] = slots.TypeHistory(
+            last_abort=max(aborts) if aborts else None,
+            elsewhere_hs06=there.running_hs06,
+            elsewhere_before_fizzle=there.num_before_fizzle,
+        )
     return out
 
 
@@ -27,6 +44,7 @@ def inputs(
     active: list[LmRecord],
     engines: Collection[str] | None,
     waiting: Collection[str] = (),
+    space: SpaceView | None = None,
 ) -> tuple[Config, list[slots.RunningLm], dict[str, slots.TypeHistory]]:
     """The configuration as the planner must see it (only machinetypes of ``engines``, all
     when None, and none of ``waiting`` (their images are not downloaded yet); draining when
@@ -45,4 +63,4 @@ def inputs(
         slots.RunningLm(r.machinetype, r.processors, r.hs06, r.shutdown_time, r.created, r.started)
         for r in active
     ]
-    return config, running, histories(config, store)
+    return config, running, histories(config, store, space)

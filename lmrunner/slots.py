@@ -36,11 +36,16 @@ class RunningLm:
 
 @dataclass(frozen=True, slots=True)
 class TypeHistory:
-    """What this factory knows of a machinetype's recent ends."""
+    """What this factory knows of a machinetype's recent ends, and what the other factories of
+    the space run of it (VacQuery: :mod:`lmrunner.vacquery.space`)."""
 
-    #: End time of the most recent LM of the type that ended with code >= 300 (§7.2); None when
-    #: there was none or a later LM ended well.
+    #: End time of the most recent LM of the type that ended with code >= 300 (§7.2) here or,
+    #: with a space, on any factory; None when there was none or a later LM ended well.
     last_abort: float | None
+    #: HS06 of the type running on the other factories (counted in its share, §3.4 step 2).
+    elsewhere_hs06: float = 0.0
+    #: LMs of the type before fizzle on the other factories (extend a backoff as local ones do).
+    elsewhere_before_fizzle: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +118,8 @@ def eligible(
     if history is not None and history.last_abort is not None:
         # After an abort: backoff_seconds, extended by fizzle_seconds while a probing LM of the
         # type is still before fizzle, so one LM tries the type before all others follow (§3.4).
-        fizzle = mt.fizzle_seconds if num_before_fizzle(mt, running, now) > 0 else 0
+        probing = num_before_fizzle(mt, running, now) + history.elsewhere_before_fizzle
+        fizzle = mt.fizzle_seconds if probing > 0 else 0
         until = history.last_abort + mt.backoff_seconds + fizzle
         if not history.last_abort < now - mt.backoff_seconds - fizzle:
             return f"backoff until {int(until)}"
@@ -121,12 +127,17 @@ def eligible(
 
 
 def _scores(
-    config: Config, running: Sequence[RunningLm]
+    config: Config,
+    running: Sequence[RunningLm],
+    histories: Mapping[str, TypeHistory] | None = None,
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Score of each type with a share and of each machinegroup (see :func:`ranked`)."""
+    """Score of each type with a share and of each machinegroup (see :func:`ranked`), over the
+    whole space when ``histories`` tell what the other factories run."""
     hs06: dict[str, float] = defaultdict(float)
     for lm in running:
         hs06[lm.machinetype] += lm.hs06
+    for name, history in (histories or {}).items():
+        hs06[name] += history.elsewhere_hs06
     score: dict[str, float] = {}
     group: dict[str, float] = defaultdict(float)
     for name, mt in config.machinetypes.items():
@@ -151,9 +162,9 @@ def ranked(
     - ``machinegroup score(g) = sum of score(t) over the types t of g with a share``, i.e. each
       type's HS06 is divided by its *own* share, not by the group's total share.
 
-    Only this factory's LMs are counted; the space-wide sum over VacQuery replies is the
-    caller's concern. One ``rng.random()`` is drawn per eligible type, in name order, so a seeded
-    ``rng`` gives a reproducible order.
+    This factory's LMs are counted, plus what ``histories`` say the other factories of the
+    space run (``elsewhere_hs06``, from VacQuery replies). One ``rng.random()`` is drawn per
+    eligible type, in name order, so a seeded ``rng`` gives a reproducible order.
 
     Args:
         config: the whole configuration.
@@ -165,7 +176,7 @@ def ranked(
     Returns:
         The eligible machinetypes in the order to try them.
     """
-    score, group = _scores(config, running)
+    score, group = _scores(config, running, histories)
     keyed: list[tuple[float, float, float, MachinetypeConfig]] = []
     for name in sorted(config.machinetypes):
         mt = config.machinetypes[name]
@@ -214,7 +225,11 @@ def gate(
 
 
 def _choose(
-    config: Config, running: Sequence[RunningLm], types: Sequence[MachinetypeConfig], now: float
+    config: Config,
+    running: Sequence[RunningLm],
+    types: Sequence[MachinetypeConfig],
+    now: float,
+    histories: Mapping[str, TypeHistory] | None = None,
 ) -> StartDecision | str:
     """Vac's superslot choice (§3.5) among ``types`` (already ranked); a reason when none fits."""
     pps = config.factory.processors_per_superslot
@@ -222,7 +237,7 @@ def _choose(
     superslots: dict[int, int] = defaultdict(int)
     for lm in running:
         superslots[lm.shutdown_time] += lm.processors
-    score, _ = _scores(config, running)
+    score, _ = _scores(config, running, histories)
     # Incomplete superslots first, earliest-ending first: they reserve the processors that let
     # the whole block free up together. Reserved processors stay unavailable to new superslots
     # even when no type fits them (so that a multi-processor LM gets its block later).
@@ -301,7 +316,7 @@ def plan(
                 if (reason := eligible(mt, config, working, histories.get(name), now)) is not None
             ]
             return Blocked("no eligible machinetype" + (f" ({'; '.join(why)})" if why else ""))
-        decision = _choose(config, working, types, now)
+        decision = _choose(config, working, types, now, histories)
         if isinstance(decision, str):
             return decisions or Blocked(decision)
         decisions.append(decision)

@@ -297,6 +297,11 @@ class Store:
 
     # --- meta -----------------------------------------------------------------------------
 
+    def data_version(self) -> int:
+        """A number that changes when another connection commits (SQLite's data_version): a
+        reader's cache of what it read stays good while this stays the same."""
+        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
     def meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "daemon": ("daemon", "run the factory in the foreground"),
     "ps": ("ps", "list logical machines (running ones; --all for finished too)"),
     "machinetypes": ("machinetypes", "each machinetype's share, running LMs, backoff, outcome"),
+    "factories": ("factories", "ask every factory of the space how it is (VacQuery)"),
     "stop": ("control", "stop an LM gracefully (then kill after its grace period)"),
     "kill": ("control", "kill an LM at once"),
     "drain": ("control", "start no new LMs (running ones continue)"),

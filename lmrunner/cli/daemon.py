@@ -28,6 +28,8 @@ from lmrunner.lmdisks import host_disks
 from lmrunner.pipes import PipeStore
 from lmrunner.pipewatch import PipeWatch
 from lmrunner.state import Store, StoreError
+from lmrunner.vacquery.responder import Responder
+from lmrunner.vacquery.space import SpaceWatch, others
 
 LOG = logging.getLogger("lmrunner.daemon")
 DEFAULTS = Tuning()
@@ -113,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
     for backend in backends.values():
         _log_probe(backend)
     tuning = Tuning(max_starts_per_pass=args.max_starts, reconcile_seconds=args.reconcile)
-    factory = Factory(config, store, backends, tuning=tuning, cgroups=cgroups, disks=disks)
+    # The other factories of the space, asked beside the loop (read by the planner).
+    space = SpaceWatch(lambda: factory.config)
+    factory = Factory(config, store, backends, tuning=tuning, cgroups=cgroups, disks=disks,
+                      space=space.view)  # fmt: skip
     status = _Status(factory)
 
     def reload() -> None:
@@ -168,8 +173,16 @@ def run(args: argparse.Namespace) -> int:
     if early_stop:
         stop(early_stop[0], None)
     store.set_meta("daemon_pid", str(os.getpid()))
+    responder = None
     if not args.once:
         pipes.start()
+        responder = _responder(factory)  # first: factories starting together find each other
+    if others(config):
+        LOG.info("space %s: asking %s (VacQuery)", config.factory.space,
+                 ", ".join(others(config)))  # fmt: skip
+        space.round()  # the first pass plans with the space as it is (at most the deadline)
+    if not args.once:
+        space.start()
 
     def passed(report: PassReport) -> None:
         notifier.status(status.after(report))
@@ -182,12 +195,31 @@ def run(args: argparse.Namespace) -> int:
     finally:
         notifier.stopping()
         pipes.close()
+        if responder is not None:
+            responder.close()
+        space.close()
         with contextlib.suppress(StoreError):  # a broken store's own error is the one to show
             store.set_meta("daemon_pid", None)
         factory.close()
         store.close()
         lock.close()
     return 0
+
+
+def _responder(factory: Factory) -> Responder | None:
+    """The VacQuery responder beside the loop; None (logged) when its port is 0 or taken: the
+    factory runs on, unseen by the space."""
+    port = factory.config.factory.vacquery_port
+    if port == 0:
+        return None
+    try:
+        responder = Responder(lambda: factory.config, port=port).start()
+    except OSError as err:
+        LOG.error("vacquery: cannot answer on UDP port %d: %s; other factories do not see "
+                  "this one", port, err.strerror)  # fmt: skip
+        return None
+    LOG.info("vacquery: answering on UDP port %d", responder.port)
+    return responder
 
 
 class _Status:

@@ -115,9 +115,6 @@ def test_imported_vac_site_passes_check_unchanged(
         f"lmrunner: warning: {path}:{line('  gridpp-lz:')}: machinetypes.gridpp-lz: pipe "
         "'gridpp' offers no such machinetype (yet); section ignored",
         # What the import warned about, check says again: the options do nothing here.
-        f"lmrunner: warning: {path}:{line('  factories:')}: factory.factories: not supported "
-        "yet: lmrunner queries no other factory (VacQuery), so target shares count this "
-        "factory's LMs only",
         f"lmrunner: warning: {path}:{line('  vacmon_hostport:')}: factory.vacmon_hostport: not "
         "supported by lmrunner: it sends no VacMon messages",
         f"lmrunner: warning: {path}:{line('  version_logger: 1')}: factory.version_logger: not "
@@ -261,8 +258,6 @@ def test_import_vac_conf_prints_every_warning(
         f"lmrunner: not carried over: {path}: [machinetype cms] log_machineoutputs: obsolete, "
         "ignored by Vac too; machines_dir_days sets how long an LM's directory (joboutputs "
         "included) is kept",
-        f"lmrunner: warning: {path}: [settings] factories: not supported yet: lmrunner queries "
-        "no other factory (VacQuery), so target shares count this factory's LMs only",
         f"lmrunner: warning: {path}: [settings] disk_gb_per_processor: 0 meant the default size "
         "in Vac (a share of the volume group, or 40 GB per processor for a VM's disk file), not "
         "no disk; left unset: lmrunner's default (40 GB per processor) applies",
@@ -279,12 +274,9 @@ def test_reference_marks_unsupported_options() -> None:
         "(host:port) Vac sent factory, machinetype and machine status to. **Not supported by "
         "lmrunner: it sends no VacMon messages.** |"
     ) in text
-    assert "**Not supported yet: lmrunner sends no VacQuery requests.**" in text
     accepted = text.split("## Vac options accepted but not supported")[1].split("\n## ")[0]
     rows = [row.split(" | ")[0] for row in accepted.splitlines() if row.startswith("| `")]
     assert rows == [
-        "| `factory.factories`",
-        "| `factory.udp_timeout_seconds`",
         "| `factory.gocdb_cert_file`",
         "| `factory.gocdb_key_file`",
         "| `factory.vacmon_hostport`",

@@ -1,0 +1,173 @@
+"""The rest of the space, as the planner sees it: what the other factories run of each
+machinetype and when it last aborted anywhere (vac.md §3.4), refreshed beside the loop.
+
+A :class:`SpaceWatch` thread asks the other factories (``machinetypes_query``) one round after
+another, each bounded by ``udp_timeout_seconds``, and keeps the last view; the loop only reads it,
+so a missing or slow factory never costs a pass. A view older than :data:`STALE_SECONDS` counts
+as nothing known (this factory then plans alone, as before the space)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmrunner.config import Config
+from lmrunner.vacquery import client, protocol
+
+LOG = logging.getLogger(__name__)
+#: A view this old is not used (the watch stopped, or no round ended for long).
+STALE_SECONDS = 300.0
+#: Rest between two rounds (a round itself takes at most ``udp_timeout_seconds``).
+PERIOD_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class TypeInSpace:
+    """One machinetype on the other factories together."""
+
+    running_hs06: float = 0.0
+    running_processors: float = 0.0
+    running_machines: int = 0
+    num_before_fizzle: int = 0
+    last_abort: float | None = None  # when an LM of it last ended with a code >= 300, anywhere
+    last_abort_factory: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpaceView:
+    """The other factories' machinetypes, from one query round."""
+
+    taken: float  # when the round ended
+    types: Mapping[str, TypeInSpace] = field(default_factory=dict)
+    answered: tuple[str, ...] = ()
+    silent: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+
+def abort_code(message: object) -> int | None:
+    """The code of a ``shutdown_message`` ("NNN text") when it is an abort (>= 300)."""
+    if not isinstance(message, str) or len(message) < 3 or not message[:3].isdigit():
+        return None
+    code = int(message[:3])
+    return code if code >= 300 else None
+
+
+def aggregate(answers: client.Answers, taken: float) -> SpaceView:
+    """Vac's sums over the factories' ``machinetype_status`` replies (vac.md §3.4 step 2)."""
+    sums: dict[str, dict[str, Any]] = {}
+    for factory, replies in answers.replies.items():
+        for name, reply in replies.items():
+            entry = sums.setdefault(
+                name,
+                {
+                    "hs06": 0.0,
+                    "processors": 0.0,
+                    "machines": 0,
+                    "fizzle": 0,
+                    "abort": None,
+                    "who": None,
+                },
+            )
+            entry["hs06"] += float(reply["running_hs06"])
+            entry["processors"] += float(reply["running_processors"])
+            entry["machines"] += int(reply["running_machines"])
+            entry["fizzle"] += int(reply["num_before_fizzle"])
+            when = reply["shutdown_time"]
+            aborted = abort_code(reply["shutdown_message"]) is not None and when is not None
+            if aborted and (entry["abort"] is None or when > entry["abort"]):
+                entry["abort"], entry["who"] = float(when), factory
+    types = {
+        name: TypeInSpace(
+            e["hs06"], e["processors"], e["machines"], e["fizzle"], e["abort"], e["who"]
+        )
+        for name, e in sums.items()
+    }
+    answered = tuple(answers.answered())
+    silent = tuple(sorted(set(answers.replies) - set(answered)))
+    return SpaceView(taken, types, answered, silent, answers.seconds)
+
+
+def others(config: Config) -> list[str]:
+    """The space's factories other than this one (``.`` is this one)."""
+    me = config.factory.hostname
+    return sorted({name for name in config.factory.factories if name not in (".", me)})
+
+
+class SpaceWatch:
+    """Keeps a fresh :class:`SpaceView` of the other factories, beside the loop."""
+
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        *,
+        period: float = PERIOD_SECONDS,
+        clock: Callable[[], float] = time.time,
+        resolve: Callable[[str], str] | None = None,
+    ) -> None:
+        self.config = config
+        self.period = period
+        self.clock = clock
+        self.resolve = resolve
+        self._view: SpaceView | None = None
+        self._closed = threading.Event()
+        self._wake = threading.Event()
+        self._silent: tuple[str, ...] = ()
+        self._thread = threading.Thread(target=self._run, name="space", daemon=True)
+
+    def start(self) -> SpaceWatch:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._closed.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def wake(self) -> None:
+        """Start the next round now (an abort here: the others may have news too)."""
+        self._wake.set()
+
+    def view(self) -> SpaceView | None:
+        """The latest view, None when there is none fresh enough to plan with."""
+        view = self._view
+        if view is None or self.clock() - view.taken > STALE_SECONDS:
+            return None
+        return view
+
+    def round(self) -> SpaceView:
+        """One query round now (the thread's work; tests call it directly)."""
+        config = self.config()
+        factory = config.factory
+        answers = client.query(
+            protocol.MACHINETYPES_QUERY,
+            others(config),
+            factory.space,
+            port=factory.vacquery_port or protocol.DEFAULT_PORT,
+            timeout=factory.udp_timeout_seconds,
+            client="factory",
+            resolve=self.resolve,
+        )
+        view = aggregate(answers, self.clock())
+        if view.silent != self._silent:
+            if view.silent:
+                LOG.warning("space: no answer from %s", ", ".join(view.silent))
+            elif self._silent:
+                LOG.info("space: every factory answers again")
+            self._silent = view.silent
+        self._view = view
+        return view
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            try:
+                if others(self.config()):
+                    self.round()
+            except Exception:  # the space is advisory: a failed round is logged, not fatal
+                LOG.exception("space: a query round failed")
+            self._wake.wait(self.period)
+            self._wake.clear()
