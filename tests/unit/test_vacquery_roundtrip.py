@@ -480,22 +480,38 @@ def test_no_store_no_answer(env: Env, tmp_path: Path) -> None:
         made.close()
 
 
-def test_a_snapshot_serves_for_snapshot_seconds(
+def test_a_snapshot_serves_until_a_write_a_reload_or_snapshot_seconds(
     env: Env, config: Config, lms: list[LmRecord]
 ) -> None:
-    now = [time.time()]
-    made = Responder(lambda: config, host=FACTORY, port=0, clock=lambda: now[0]).start()
+    """Answers come from a snapshot of the store, made anew when the store was written, the
+    configuration reloaded, or SNAPSHOT_SECONDS passed (``time_sent`` shows which)."""
+    now = [int(time.time()) + 0.9]
+    current = [config]
+    made = Responder(lambda: current[0], host=FACTORY, port=0, clock=lambda: now[0]).start()
+
+    def machines() -> dict[str, dict[str, Any]]:
+        return ask(protocol.MACHINES_QUERY, made.port).replies[FACTORY]
+
     try:
-        before = ask(protocol.MACHINES_QUERY, made.port).replies[FACTORY]
-        assert before[lm_name(FACTORY, 2)]["state"] == "Shut down"
-        env.store.insert(lm(env, 2, "beta", "33333333-new", created=now[0]))
-        now[0] += responder.SNAPSHOT_SECONDS / 2
-        cached = ask(protocol.MACHINES_QUERY, made.port).replies[FACTORY]
-        assert cached[lm_name(FACTORY, 2)]["state"] == "Shut down"
+        first = machines()
+        assert first[lm_name(FACTORY, 2)]["state"] == "Shut down"
+        assert first[lm_name(FACTORY, 0)]["time_sent"] == int(now[0])
+
+        now[0] += responder.SNAPSHOT_SECONDS / 2  # nothing written: the same snapshot
+        assert machines()[lm_name(FACTORY, 0)]["time_sent"] == int(now[0]) - 1
+
+        env.store.insert(lm(env, 2, "beta", "33333333-new", created=now[0]))  # seen at once
+        written = machines()
+        assert written[lm_name(FACTORY, 2)]["state"] == "Starting"
+        assert written[lm_name(FACTORY, 2)]["uuid"] == "33333333-new"
+        assert written[lm_name(FACTORY, 0)]["time_sent"] == int(now[0])
+
+        current[0] = replace(config, factory=replace(config.factory, gocdb_sitename="SITE"))
+        assert machines()[lm_name(FACTORY, 0)]["site"] == "SITE"  # a reload, seen at once
+
+        before = int(now[0])
         now[0] += responder.SNAPSHOT_SECONDS
-        fresh = ask(protocol.MACHINES_QUERY, made.port).replies[FACTORY]
-        assert fresh[lm_name(FACTORY, 2)]["state"] == "Starting"
-        assert fresh[lm_name(FACTORY, 2)]["uuid"] == "33333333-new"
+        assert machines()[lm_name(FACTORY, 0)]["time_sent"] == before + 1
     finally:
         made.close()
 
