@@ -180,7 +180,7 @@ def parse_request(data: bytes) -> Request:
     kind = body.get("message_type")
     if kind is None and isinstance(body.get("method"), str):
         kind = METHODS.get(body["method"])
-    if kind not in REPLY_TYPE:
+    if not isinstance(kind, str) or kind not in REPLY_TYPE:
         raise ProtocolError(f"no query type: {str(body.get('message_type'))[:40]!r}")
     space, value = body.get("space"), body.get("cookie")
     if not isinstance(space, str) or not isinstance(value, str) or not value:
@@ -215,7 +215,7 @@ def _is(value: object, types: tuple[type, ...]) -> bool:
 def _object(data: bytes) -> dict[str, Any]:
     try:
         body = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # nesting: a hostile sender
         raise ProtocolError(f"not JSON: {err}") from err
     if not isinstance(body, dict):
         raise ProtocolError("not a JSON object")

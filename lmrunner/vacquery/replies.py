@@ -54,11 +54,13 @@ def machines(facts: Facts, cookie: str, client: str = "-") -> list[dict[str, Any
     by_slot = {record.slot: record for record in facts.active}
     site = protocol.site_of(factory.space, factory.gocdb_sitename)
     replies = []
-    for slot in range(factory.total_processors):
+    # Slots above a total lowered by a reload still hold running LMs until they end.
+    slots = range(max([factory.total_processors - 1, *by_slot]) + 1)
+    for slot in slots:
         record = by_slot.get(slot)
         reply = protocol.envelope("machine_status", factory.space, factory.hostname, cookie,
                                   facts.now, site, client)  # fmt: skip
-        reply["num_machines"] = factory.total_processors
+        reply["num_machines"] = len(slots)
         reply["machine"] = record.name if record else lm_name(factory.hostname, slot)
         reply["state"] = machine_state(record)
         if record is None:

@@ -230,12 +230,6 @@ def test_machines_busy_slots(facts: Facts, active: list[LmRecord]) -> None:
     assert (beta["shutdown_message"], beta["shutdown_time"]) == (None, None)
 
 
-@pytest.mark.xfail(
-    reason="BUG (probable): machines() lists slots range(total_processors) only; an LM left in a "
-    "higher slot after a reload (SIGHUP) lowered total_processors gets no machine_status, while "
-    "factory_status and machinetype_status still count it",
-    strict=True,
-)
 def test_every_active_lm_has_a_machine_status(env: Env, config: Config) -> None:
     beyond = lm(env, CPUS + 1, "alpha", "77777777-beyond", state=LmState.RUNNING, started=NOW - 10)
     facts = Facts(config, [beyond], {}, NOW)

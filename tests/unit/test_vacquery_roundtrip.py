@@ -376,12 +376,6 @@ def test_a_good_reply_among_bad_ones_is_kept(
     assert answers.seconds < TIMEOUT
 
 
-@pytest.mark.xfail(
-    reason="BUG: a deeply nested JSON reply makes parse_reply raise RecursionError, which "
-    "client._gather does not catch: client.query (and `lmrunner factories`) dies",
-    strict=True,
-    raises=RecursionError,
-)
 def test_a_hostile_nested_reply_does_not_abort_the_round(
     fake: Callable[..., FakeFactory],
 ) -> None:
@@ -449,12 +443,6 @@ def test_malformed_requests_are_dropped_and_the_responder_goes_on(
     assert drain(sock) == []
 
 
-@pytest.mark.xfail(
-    reason="BUG: a request whose message_type is a JSON list or object makes parse_request "
-    "raise TypeError; the responder logs a traceback (LOG.exception) and does not count it "
-    "as dropped",
-    strict=True,
-)
 def test_an_unhashable_message_type_is_counted_as_dropped(
     running: Responder, udp: Callable[..., socket.socket], caplog: pytest.LogCaptureFixture
 ) -> None:
