@@ -218,6 +218,19 @@ class FactoryConfig:
         minimum=0,
         maximum=65535,
     )
+    space_secret_file: Path | None = option(
+        None,
+        "File holding the space's shared secret (root's, mode 0600, 16 bytes or more, e.g. "
+        "from 'openssl rand -hex 32'). When set, VacQuery between lmrunner factories is signed "
+        "(HMAC-SHA256, within 60 s, each request answered to one address): unsigned or "
+        "forged datagrams are neither answered nor used. Unset: Vac's plain protocol.",
+    )
+    space_answer_vac: bool = option(
+        False,
+        "With a space secret: also answer Vac factories' unsigned queries, unsigned, so a "
+        "mixed space's Vac factories count this one's LMs. Read-only: their replies never "
+        "change this factory's decisions.",
+    )
     sc_user: str = option(
         "lmrunner-sc",
         "Unprivileged account that runs Apptainer LMs (never root).",
@@ -249,11 +262,12 @@ class FactoryConfig:
     )
     vacmon_hostport: tuple[str, ...] = option(
         (),
-        "VacMon receivers (host:port) Vac sent factory, machinetype and machine status to.",
+        "VacMon receivers (host:port, e.g. vacmon.gridpp.ac.uk:8884): after passes (at most "
+        "every 10 s) this factory's factory_status and machinetype_status, and each ended LM's "
+        "machine_status, as Vac sends them (UDP, fire-and-forget).",
         vac="vacmon_hostport",
         pattern=r"[A-Za-z0-9.-]+:[0-9]+",
         pattern_text="host:port",
-        unsupported="not supported by lmrunner: it sends no VacMon messages",
     )
     version_logger: int = option(
         0,

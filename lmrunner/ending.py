@@ -50,12 +50,24 @@ class Endings:
     """Records LMs' ends for one factory."""
 
     def __init__(
-        self, store: Store, cgroups: LmCgroups, disks: LmDisks, clock: Callable[[], float]
+        self,
+        store: Store,
+        cgroups: LmCgroups,
+        disks: LmDisks,
+        clock: Callable[[], float],
+        on_end: Callable[[LmRecord], None] | None = None,
     ) -> None:
         self.store = store
         self.cgroups = cgroups
         self.disks = disks
         self.clock = clock
+        #: Told of every LM once its end is recorded (VacMon, metrics); never fails an end.
+        self.on_end = on_end
+
+    def _tell(self, record: LmRecord) -> None:
+        if self.on_end is not None:
+            with guarded(record.name):
+                self.on_end(record)
 
     def finish(
         self, config: Config, record: LmRecord, backend: Backend, status: Status
@@ -111,6 +123,7 @@ class Endings:
                 LOG.warning("lm=%s: cannot write its shutdown_message: %s", record.name, err)
         LOG.info("lm=%s machinetype=%s: finished: %s (%s)", record.name, record.machinetype,
                  outcome.message, outcome.source, extra=lm_fields(record, outcome))  # fmt: skip
+        self._tell(record)
         return record
 
     def fail(self, config: Config, record: LmRecord, outcome: Outcome) -> LmRecord:
@@ -126,6 +139,7 @@ class Endings:
         self.publish(config)
         self.cgroups.remove(failed)
         self.disks.release(failed)
+        self._tell(failed)
         return failed
 
     def settle_half_created(

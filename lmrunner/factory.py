@@ -109,6 +109,7 @@ class Factory:
         images: ImageCache | None = None,
         disks: DiskMethod | None = None,
         space: Callable[[], SpaceView | None] | None = None,
+        on_end: Callable[[LmRecord], None] | None = None,
     ) -> None:
         self.config = config
         self.images = images or self._image_cache(config, clock)
@@ -120,7 +121,7 @@ class Factory:
         self.lm_disks = lmdisks.LmDisks(disks, store)
         #: The latest view of the other factories of the space (None: this one plans alone).
         self.space = space or (lambda: None)
-        self.endings = Endings(store, self.lm_cgroups, self.lm_disks, clock)
+        self.endings = Endings(store, self.lm_cgroups, self.lm_disks, clock, on_end)
         self.reaper = Reaper(store, clock, tuning.orphan_grace_seconds)
         self.enforcer = Enforcer(store, clock, clock())
         self.tuning = tuning

@@ -30,6 +30,7 @@ from lmrunner.config import (
 )
 from lmrunner.errors import ConfigError
 from lmrunner.schema import Problems, build, unknown_key_message
+from lmrunner.vacquery.auth import load_secret
 from lmrunner.yamlsrc import Located, Where, load_yaml, one_line
 
 
@@ -154,6 +155,12 @@ def load_config(
             if scratch:
                 warnings.extend(f"{line}; machinetype ignored" for line in scratch.lines)
                 del machinetypes[mt.name]
+    if factory is not None and check_files and factory.space_secret_file is not None:
+        try:
+            load_secret(factory.space_secret_file)
+        except ConfigError as err:
+            problems.add(factory_raw.where_of("space_secret_file"), "factory.space_secret_file",
+                         str(err))  # fmt: skip
     if problems:
         raise ConfigError("\n".join(problems.lines), errors=tuple(problems.lines))
     assert factory is not None
@@ -253,6 +260,13 @@ def _finish_factory(
             raw.where_of("machinefeatures_options"),
             "factory.machinefeatures_options",
             f"expected extra keys only; {', '.join(clash)} is a standard machinefeatures key",
+        )
+    if factory.space_answer_vac and factory.space_secret_file is None:
+        problems.add(
+            raw.where_of("space_answer_vac"),
+            "factory.space_answer_vac",
+            "expected only with factory.space_secret_file (without a secret every query is "
+            "answered, as Vac does)",
         )
     shutdown = factory.shutdown_time
     if "shutdown_time" in raw and raw["shutdown_time"] is not None:

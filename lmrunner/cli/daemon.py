@@ -30,6 +30,7 @@ from lmrunner.pipewatch import PipeWatch
 from lmrunner.state import Store, StoreError
 from lmrunner.vacquery.responder import Responder
 from lmrunner.vacquery.space import SpaceWatch, others
+from lmrunner.vacquery.vacmon import VacMon
 
 LOG = logging.getLogger("lmrunner.daemon")
 DEFAULTS = Tuning()
@@ -117,8 +118,9 @@ def run(args: argparse.Namespace) -> int:
     tuning = Tuning(max_starts_per_pass=args.max_starts, reconcile_seconds=args.reconcile)
     # The other factories of the space, asked beside the loop (read by the planner).
     space = SpaceWatch(lambda: factory.config)
+    vacmon = VacMon(lambda: factory.config)  # fire-and-forget, from its own thread
     factory = Factory(config, store, backends, tuning=tuning, cgroups=cgroups, disks=disks,
-                      space=space.view)  # fmt: skip
+                      space=space.view, on_end=vacmon.ended)  # fmt: skip
     status = _Status(factory)
 
     def reload() -> None:
@@ -183,10 +185,12 @@ def run(args: argparse.Namespace) -> int:
         space.round()  # the first pass plans with the space as it is (at most the deadline)
     if not args.once:
         space.start()
+    vacmon.start()
 
     def passed(report: PassReport) -> None:
         notifier.status(status.after(report))
         notifier.watchdog()  # from the loop itself: a loop that hangs stops feeding it
+        vacmon.passed()
 
     notifier.status("adopting running LMs")
     try:
@@ -198,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         if responder is not None:
             responder.close()
         space.close()
+        vacmon.close()  # after a last send of what is due
         with contextlib.suppress(StoreError):  # a broken store's own error is the one to show
             store.set_meta("daemon_pid", None)
         factory.close()

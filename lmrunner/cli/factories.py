@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from lmrunner.cli.common import common_options, load
-from lmrunner.vacquery import client, protocol
+from lmrunner.vacquery import protocol, space
 
 SCHEMA = "lmrunner.factories/1"
 
@@ -35,30 +35,19 @@ def add_parser(sub: Any) -> None:
     parser.set_defaults(run=run)
 
 
-def names_of(factories: tuple[str, ...], hostname: str) -> list[str]:
-    """The space's factories, ``.`` meaning this one; this one alone when none are given."""
-    return sorted({hostname if name == "." else name for name in factories} or {hostname})
-
-
 def run(args: argparse.Namespace) -> int:
     config = load(args, check_files=False)
-    factory = config.factory
-    names = args.names or names_of(factory.factories, factory.hostname)
-    timeout = args.timeout if args.timeout is not None else factory.udp_timeout_seconds
-    answers = client.query(
-        protocol.FACTORY_QUERY,
-        names,
-        factory.space,
-        port=factory.vacquery_port or protocol.DEFAULT_PORT,
-        timeout=timeout,
-        client="factories",
-    )
+    answers = space.ask(config, protocol.FACTORY_QUERY, args.names, timeout=args.timeout,
+                        client_name="factories")  # fmt: skip
+    names = args.names or space.members(config)
     rows = []
     for name in sorted(set(names)):
         reply = answers.replies.get(name, {}).get("")
-        rows.append({"factory": name, "answered": reply is not None, "status": reply})
+        rows.append({"factory": name, "answered": reply is not None,
+                     "signed": reply is not None and answers.verified(name),
+                     "status": reply})  # fmt: skip
     if args.json:
-        document = {"schema": SCHEMA, "space": factory.space, "generated": time.time(),
+        document = {"schema": SCHEMA, "space": config.factory.space, "generated": time.time(),
                     "seconds": round(answers.seconds, 3), "factories": rows}  # fmt: skip
         print(json.dumps(document))
         return 0

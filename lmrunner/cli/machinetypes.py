@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from lmrunner import lmdisks, payload, slots
+from lmrunner.cli import spaceviews
 from lmrunner.cli.common import common_options, load
 from lmrunner.diskmethods import DiskMethod, DiskUnsupported, open_disk_method
 from lmrunner.lifecycle import ACTIVE
@@ -26,10 +27,13 @@ def add_parser(sub: Any) -> None:
         "start now (or why not: backoff until when, share 0, ...), and its last outcome.",
     )
     parser.add_argument("--json", action="store_true", help=f"print JSON (schema {SCHEMA})")
+    spaceviews.add_options(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.space:
+        return spaceviews.machinetypes(args)
     config = load(args, check_files=False)
     store = Store(config.factory.state_dir)
     try:

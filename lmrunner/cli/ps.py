@@ -36,10 +36,21 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("-a", "--all", action="store_true", help="include finished and failed LMs")
     parser.add_argument("--json", action="store_true", help="print JSON (schema lmrunner.ps/1)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print LM names only")
+    parser.add_argument(
+        "--space",
+        action="store_true",
+        help="every LM of the space's factories, as they answer VacQuery (schema "
+        "lmrunner.ps.space/1 with --json; --all adds empty slots)",
+    )
+    parser.add_argument("--timeout", type=float, help="with --space: seconds in all")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.space:
+        from lmrunner.cli import spaceviews  # VacQuery only when asked: ps stays light
+
+        return spaceviews.ps(args)
     store = open_store(args)
     try:
         listed = store.listing(ended=args.all)
@@ -139,7 +150,7 @@ def table(rows: list[dict[str, Any]], now: float) -> str:
     for row in rows:
         started, finished = row["started"], row["finished"]
         end = finished if finished is not None else now
-        uptime = _duration(end - started) if started is not None else "-"
+        uptime = duration(end - started) if started is not None else "-"
         cpu = "-"
         if row["cpu_seconds"] is not None and started is not None and end > started:
             cpu = f"{100 * row['cpu_seconds'] / ((end - started) * row['processors']):.1f}"
@@ -167,7 +178,7 @@ def table(rows: list[dict[str, Any]], now: float) -> str:
     return "\n".join(line.rstrip() for line in out)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = max(int(seconds), 0)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmrunner.vacquery import protocol
+from lmrunner.vacquery.auth import SpaceAuth, is_signed
 
 #: Vac's ``vacqueryTries``: rounds after the first.
 TRIES = 5
@@ -41,7 +42,15 @@ class Answers:
     sent_bytes: int = 0
     received: int = 0
     received_bytes: int = 0
-    dropped: int = 0  # invalid, foreign or unasked-for datagrams
+    dropped: int = 0  # invalid, foreign, unsigned or unasked-for datagrams
+    #: Whether requests were signed (a space secret), and the factories whose replies came
+    #: unsigned all the same (Vac's; kept only when asked).
+    signed: bool = False
+    unsigned: set[str] = field(default_factory=set)
+
+    def verified(self, factory: str) -> bool:
+        """Whether this factory's replies were signed with the space's secret."""
+        return self.signed and factory not in self.unsigned
 
     def complete(self, factory: str) -> bool:
         return len(self.replies.get(factory, {})) >= self.expected.get(factory, 1)
@@ -65,14 +74,18 @@ def query(
     tries: int = TRIES,
     client: str = "-",
     resolve: Callable[[str], str] | None = None,
+    auth: SpaceAuth | None = None,
+    unsigned: bool = False,
 ) -> Answers:
     """Ask ``factories`` (names as they call themselves: replies name their sender) and gather
     their replies of the type ``kind`` asks for; never longer than ``deadline`` seconds
     (default: ``timeout``). ``resolve`` maps a factory's name to the address to send to (tests,
-    spaces without DNS); by default the name itself."""
+    spaces without DNS); by default the name itself. With ``auth`` (a space secret), requests
+    are signed and only signed replies are kept, unless ``unsigned`` (inspection, never
+    planning) also keeps plain ones, from Vac factories, listed in ``Answers.unsigned``."""
     names = sorted(set(factories))
     reply_type = protocol.REPLY_TYPE[kind]
-    answers = Answers(reply_type, {name: {} for name in names})
+    answers = Answers(reply_type, {name: {} for name in names}, signed=auth is not None)
     salt = protocol.new_salt()
     cookies = {name: protocol.cookie(salt, name) for name in names}
     budget = timeout if deadline is None else deadline
@@ -87,7 +100,8 @@ def query(
             if not missing or time.monotonic() >= end:
                 break
             for name in missing:
-                datagram = protocol.request(kind, space, cookies[name], client)
+                sign = None if auth is None else auth.sign
+                datagram = protocol.request(kind, space, cookies[name], client, sign)
                 try:
                     address = resolve(name) if resolve else name
                     sock.sendto(datagram, (address, port))
@@ -95,7 +109,7 @@ def query(
                     continue  # unresolvable or unreachable now: the next round tries again
                 answers.sent += 1
                 answers.sent_bytes += len(datagram)
-            _gather(sock, answers, cookies, space, quiet, end)
+            _gather(sock, answers, cookies, space, quiet, end, auth, unsigned)
     answers.seconds = time.monotonic() - started
     return answers
 
@@ -107,6 +121,8 @@ def _gather(
     space: str,
     quiet: float,
     end: float,
+    auth: SpaceAuth | None = None,
+    unsigned: bool = False,
 ) -> None:
     """Read replies until every factory gave all it announced, none came for ``quiet``
     seconds, or ``end``."""
@@ -136,6 +152,11 @@ def _gather(
         ):
             answers.dropped += 1
             continue
+        if auth is not None and not auth.verify(reply):
+            if not unsigned or is_signed(reply):  # forged, replayed or from another secret
+                answers.dropped += 1
+                continue
+            answers.unsigned.add(factory)
         item = ITEM[answers.kind]
         key = str(reply[item]) if item else ""
         got = answers.replies[factory]

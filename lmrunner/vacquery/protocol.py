@@ -14,8 +14,8 @@ import base64
 import hashlib
 import json
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from lmrunner import __version__
@@ -39,6 +39,9 @@ REPLY_TYPE = {
     MACHINETYPES_QUERY: "machinetype_status",
     FACTORY_QUERY: "factory_status",
 }
+
+#: Signs a message in place and returns it (see :mod:`lmrunner.vacquery.auth`).
+Signer = Callable[[dict[str, Any]], dict[str, Any]]
 
 _NUMBER = (int, float)
 _OPT_NUMBER = (int, float, type(None))
@@ -149,8 +152,11 @@ def cookie(salt: bytes, factory: str) -> str:
     return hashlib.sha256(salt + factory.encode()).hexdigest()
 
 
-def request(kind: str, space: str, cookie_value: str, client: str = "-") -> bytes:
-    """A query datagram, as Vac 03.01 sends it (``method`` too, for Vac 01/02 responders)."""
+def request(
+    kind: str, space: str, cookie_value: str, client: str = "-", sign: Signer | None = None
+) -> bytes:
+    """A query datagram, as Vac 03.01 sends it (``method`` too, for Vac 01/02 responders);
+    signed by ``sign`` in a space with a secret."""
     body: dict[str, Any] = {
         "message_type": kind,
         "vac_version": daemon_version(client),
@@ -161,6 +167,8 @@ def request(kind: str, space: str, cookie_value: str, client: str = "-") -> byte
     method = {v: k for k, v in METHODS.items()}.get(kind)
     if method is not None:
         body["method"] = method
+    if sign is not None:
+        body = sign(body)
     return json.dumps(body).encode()
 
 
@@ -170,6 +178,8 @@ class Request:
     space: str
     cookie: str
     client: str  # the sender's vac_version, for logs
+    #: As sent (a signature covers the whole); not part of what a request is.
+    body: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 def parse_request(data: bytes) -> Request:
@@ -186,7 +196,7 @@ def parse_request(data: bytes) -> Request:
     if not isinstance(space, str) or not isinstance(value, str) or not value:
         raise ProtocolError("a query needs a space and a cookie")
     client = body.get("vac_version") or body.get("daemon_version") or "-"
-    return Request(str(kind), space, value[:128], str(client)[:80])
+    return Request(str(kind), space, value[:128], str(client)[:80], body)
 
 
 def parse_reply(data: bytes) -> dict[str, Any]:

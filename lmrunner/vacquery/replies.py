@@ -48,49 +48,64 @@ def _message(record: LmRecord | None) -> tuple[str | None, int | None]:
     return record.outcome.message, finished
 
 
+def _slots(facts: Facts) -> range:
+    # Slots above a total lowered by a reload still hold running LMs until they end.
+    return range(max([facts.config.factory.total_processors - 1,
+                      *(r.slot for r in facts.active)]) + 1)  # fmt: skip
+
+
 def machines(facts: Facts, cookie: str, client: str = "-") -> list[dict[str, Any]]:
     """One ``machine_status`` per slot, empty ones included (``num_machines`` of them)."""
-    factory = facts.config.factory
     by_slot = {record.slot: record for record in facts.active}
+    slots = _slots(facts)
+    return [machine(facts, slot, by_slot.get(slot), len(slots), cookie, client) for slot in slots]
+
+
+def ended_machine(facts: Facts, record: LmRecord, cookie: str, client: str = "-") -> dict[str, Any]:
+    """The ``machine_status`` of an LM that ended (VacMon's, when it is finalised)."""
+    return machine(facts, record.slot, record, len(_slots(facts)), cookie, client)
+
+
+def machine(
+    facts: Facts, slot: int, record: LmRecord | None, count: int, cookie: str, client: str = "-"
+) -> dict[str, Any]:
+    """The ``machine_status`` of one slot: empty, its active LM, or an LM that ended."""
+    factory = facts.config.factory
     site = protocol.site_of(factory.space, factory.gocdb_sitename)
-    replies = []
-    # Slots above a total lowered by a reload still hold running LMs until they end.
-    slots = range(max([factory.total_processors - 1, *by_slot]) + 1)
-    for slot in slots:
-        record = by_slot.get(slot)
-        reply = protocol.envelope("machine_status", factory.space, factory.hostname, cookie,
-                                  facts.now, site, client)  # fmt: skip
-        reply["num_machines"] = len(slots)
-        reply["machine"] = record.name if record else lm_name(factory.hostname, slot)
-        reply["state"] = machine_state(record)
-        if record is None:
-            reply.update(machine_model="", uuid=None, created_time=None, started_time=None,
-                         heartbeat_time=None, num_cpus=0, num_processors=0, cpu_seconds=0,
-                         cpu_percentage=0, hs06=0, machinetype=None, shutdown_message=None,
-                         shutdown_time=None)  # fmt: skip
-        else:
-            cpu = record.cpu_seconds or 0.0
-            wall = 0.0 if record.started is None else max(facts.now - record.started, 0.0)
-            reply.update(
-                machine_model=MACHINE_MODEL.get(record.backend, record.backend),
-                uuid=record.uuid,
-                created_time=int(record.created),
-                started_time=None if record.started is None else int(record.started),
-                heartbeat_time=int(facts.now),  # lmrunner watches its LMs; alive now
-                num_cpus=record.processors,
-                num_processors=record.processors,
-                cpu_seconds=cpu,
-                cpu_percentage=100.0 * cpu / wall / record.processors if wall > 0 else 0.0,
-                hs06=record.hs06,
-                machinetype=record.machinetype,
-                shutdown_message=None,
-                shutdown_time=None,
-            )
-            mt = facts.config.machinetypes.get(record.machinetype)
-            if mt is not None and mt.accounting_fqan:
-                reply["fqan"] = mt.accounting_fqan
-        replies.append(reply)
-    return replies
+    reply = protocol.envelope("machine_status", factory.space, factory.hostname, cookie,
+                              facts.now, site, client)  # fmt: skip
+    reply["num_machines"] = count
+    reply["machine"] = record.name if record else lm_name(factory.hostname, slot)
+    reply["state"] = machine_state(record)
+    if record is None:
+        reply.update(machine_model="", uuid=None, created_time=None, started_time=None,
+                     heartbeat_time=None, num_cpus=0, num_processors=0, cpu_seconds=0,
+                     cpu_percentage=0, hs06=0, machinetype=None, shutdown_message=None,
+                     shutdown_time=None)  # fmt: skip
+        return reply
+    cpu = record.cpu_seconds or 0.0
+    end = facts.now if record.active or record.finished is None else record.finished
+    wall = 0.0 if record.started is None else max(end - record.started, 0.0)
+    message, when = (None, None) if record.active else _message(record)
+    reply.update(
+        machine_model=MACHINE_MODEL.get(record.backend, record.backend),
+        uuid=record.uuid,
+        created_time=int(record.created),
+        started_time=None if record.started is None else int(record.started),
+        heartbeat_time=int(end),  # lmrunner watches its LMs: alive now, or until its end
+        num_cpus=record.processors,
+        num_processors=record.processors,
+        cpu_seconds=cpu,
+        cpu_percentage=100.0 * cpu / wall / record.processors if wall > 0 else 0.0,
+        hs06=record.hs06,
+        machinetype=record.machinetype,
+        shutdown_message=message,
+        shutdown_time=when,
+    )
+    mt = facts.config.machinetypes.get(record.machinetype)
+    if mt is not None and mt.accounting_fqan:
+        reply["fqan"] = mt.accounting_fqan
+    return reply
 
 
 def machinetypes(facts: Facts, cookie: str, client: str = "-") -> list[dict[str, Any]]:

@@ -4,7 +4,9 @@ It never touches the factory loop: it reads the store through its own read-only 
 (SQLite WAL lets it read while the loop writes), again only when the store changed (and at
 least once a second), whatever the query rate, and answers from that snapshot. Every request is
 read bounded (Vac's 1024 bytes), checked, and rate-limited per source address; anything else is
-dropped without a reply.
+dropped without a reply. In a space with a secret, requests must be signed (or plain from Vac
+where ``factory.space_answer_vac`` allows) and replies to signed ones are signed
+(:mod:`lmrunner.vacquery.auth`).
 """
 
 from __future__ import annotations
@@ -18,12 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmrunner.config import Config
-from lmrunner.state import Store, StoreError
 from lmrunner.vacquery import protocol, replies
+from lmrunner.vacquery.auth import AuthFor, is_signed
+from lmrunner.vacquery.snapshot import Snapshots
 
 LOG = logging.getLogger(__name__)
-#: A snapshot serves every query for this long.
-SNAPSHOT_SECONDS = 1.0
 #: Per source address: this many queries at once, refilled at RATE a second.
 BURST = 50
 RATE = 20.0
@@ -54,9 +55,8 @@ class Responder:
         self.port = int(self.sock.getsockname()[1])
         self._closed = threading.Event()
         self._buckets: dict[str, _Bucket] = {}
-        self._facts: replies.Facts | None = None
-        self._version = -1  # the store's data_version when _facts were read
-        self._store: Store | None = None
+        self._snapshots = Snapshots(config, clock)
+        self._auth = AuthFor(clock)
         self.answered = 0
         self.dropped = 0
         self._thread = threading.Thread(target=self._serve, name="vacquery", daemon=True)
@@ -75,8 +75,7 @@ class Responder:
         try:
             self._loop()
         finally:
-            if self._store is not None:  # made in this thread: closed in it
-                self._store.close()
+            self._snapshots.close()  # made in this thread: closed in it
 
     def _loop(self) -> None:
         while not self._closed.is_set():
@@ -104,11 +103,25 @@ class Responder:
             self.dropped += 1
             LOG.debug("vacquery: dropped a datagram from %s: %s", addr[0], err)
             return
-        facts = self._snapshot()
+        facts = self._snapshots.facts()
         if facts is None or request.space != facts.config.factory.space:
             self.dropped += 1
             return
+        factory = facts.config.factory
+        auth = self._auth(factory.space_secret_file, factory.space_answer_vac)
+        signed = auth is not None and auth.verify(request.body)
+        # Forged, replayed or stale signatures get nothing; plain (Vac's) queries an answer
+        # only where the site lets Vac read this factory.
+        if (auth is not None and not signed
+                and (is_signed(request.body) or not auth.answer_vac)):  # fmt: skip
+            self.dropped += 1
+            return
+        if signed and auth is not None and not auth.fresh_request(request.cookie, addr[0]):
+            self.dropped += 1
+            return
         for reply in self.answer_to(facts, request):
+            if signed and auth is not None:
+                auth.sign(reply)
             try:
                 self.sock.sendto(protocol.encode(reply), addr)
             except OSError as err:
@@ -138,29 +151,3 @@ class Responder:
             return False
         bucket.tokens -= 1
         return True
-
-    def _snapshot(self) -> replies.Facts | None:
-        now = self.clock()
-        config = self.config()
-        try:
-            if self._store is None:
-                self._store = Store(config.factory.state_dir, readonly=True)
-            version = self._store.data_version()
-            if (
-                self._facts is not None
-                and version == self._version
-                and config is self._facts.config
-                and now - self._facts.now < SNAPSHOT_SECONDS
-            ):
-                return self._facts  # nothing was written since: the same answers
-            self._version = version
-            active = self._store.active()
-            last = self._store.last_finished(config.machinetypes)
-        except StoreError as err:
-            LOG.error("vacquery: cannot read the store: %s", err)
-            if self._store is not None:
-                self._store.close()
-                self._store = None
-            return None
-        self._facts = replies.Facts(config, active, last, now)
-        return self._facts

@@ -17,6 +17,7 @@ from typing import Any
 
 from lmrunner.config import Config
 from lmrunner.vacquery import client, protocol
+from lmrunner.vacquery.auth import AuthFor, from_config
 
 LOG = logging.getLogger(__name__)
 #: A view this old is not used (the watch stopped, or no round ended for long).
@@ -91,6 +92,37 @@ def aggregate(answers: client.Answers, taken: float) -> SpaceView:
     return SpaceView(taken, types, answered, silent, answers.seconds)
 
 
+def members(config: Config) -> list[str]:
+    """Every factory of the space, this one included (``.`` in ``factory.factories`` is this
+    one); this one alone when none are listed."""
+    me = config.factory.hostname
+    return sorted({me if name == "." else name for name in config.factory.factories} or {me})
+
+
+def ask(
+    config: Config,
+    kind: str,
+    names: list[str] | None = None,
+    *,
+    timeout: float | None = None,
+    client_name: str = "-",
+) -> client.Answers:
+    """One round to ``names`` (default: every member) for inspection: signed in a space with
+    a secret, Vac's unsigned replies kept and marked (:attr:`client.Answers.unsigned`).
+    :class:`lmrunner.errors.ConfigError` when the space secret cannot be read."""
+    factory = config.factory
+    return client.query(
+        kind,
+        names or members(config),
+        factory.space,
+        port=factory.vacquery_port or protocol.DEFAULT_PORT,
+        timeout=factory.udp_timeout_seconds if timeout is None else timeout,
+        client=client_name,
+        auth=from_config(factory.space_secret_file, factory.space_answer_vac),
+        unsigned=True,
+    )
+
+
 def others(config: Config) -> list[str]:
     """The space's factories other than this one (``.`` is this one)."""
     me = config.factory.hostname
@@ -116,6 +148,7 @@ class SpaceWatch:
         self._closed = threading.Event()
         self._wake = threading.Event()
         self._silent: tuple[str, ...] = ()
+        self._auth = AuthFor(clock)
         self._thread = threading.Thread(target=self._run, name="space", daemon=True)
 
     def start(self) -> SpaceWatch:
@@ -151,6 +184,7 @@ class SpaceWatch:
             timeout=factory.udp_timeout_seconds,
             client="factory",
             resolve=self.resolve,
+            auth=self._auth(factory.space_secret_file, factory.space_answer_vac),
         )
         view = aggregate(answers, self.clock())
         if view.silent != self._silent:

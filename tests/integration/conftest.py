@@ -318,4 +318,8 @@ def daemon_killed_and_restarted(
             second.kill()  # it must not outlive the test
             second.wait()
             raise
+        finally:
+            # The second daemon went on starting LMs, which outlive it by design: remove
+            # them with their cgroups and disks (a mounted disk would outlive the test).
+            remove_lms(config_file)
     assert "Traceback" not in log.read_text()

@@ -442,7 +442,8 @@ def small_fs() -> Iterator[SmallFs]:
         finally:
             with contextlib.suppress(subprocess.CalledProcessError):
                 fs.make_writable()
-            subprocess.run(["umount", str(mount)], check=True)
+            # -R: an LM disk a failed test left mounted inside must not keep this one busy.
+            subprocess.run(["umount", "--recursive", str(mount)], check=True)
     finally:
         subprocess.run(["losetup", "-d", device], check=True)
         shutil.rmtree(top, ignore_errors=True)

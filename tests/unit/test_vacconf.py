@@ -152,8 +152,6 @@ def test_unsupported_options_are_carried_over_with_a_warning(site: Conversion) -
     assert site.warnings == (
         f"{settings}: [settings] version_logger: not supported by lmrunner: it sends nothing to "
         "the GridPP version logger",
-        f"{settings}: [settings] vacmon_hostport: not supported by lmrunner: it sends no VacMon "
-        "messages",
         f"{DATA / 'vac.d/20-lhcb.conf'}: [machinetype lhcb-vm] cernvm_signing_dn: not supported "
         "by lmrunner: it checks no CernVM image signature (pin a remote image with image_digest)",
     )
@@ -161,7 +159,9 @@ def test_unsupported_options_are_carried_over_with_a_warning(site: Conversion) -
     header, body = site.yaml_text.split("\nfactory:")
     assert all(f"#   {w}" in header for w in site.warnings)
     # ... and beside each value, so whoever edits the YAML sees it too.
-    assert "  # not supported by lmrunner: it sends no VacMon messages\n  vacmon_hostport:" in body
+    assert "  # not supported by lmrunner: it sends nothing to the GridPP version logger\n  " \
+        "version_logger:" in body
+    assert "vacmon_hostport:" in body and "sends no VacMon" not in body  # lmrunner sends it
 
 
 def test_current_name_beats_deprecated_one_in_any_file(tmp_path: Path) -> None:
@@ -570,7 +570,6 @@ def test_every_unsupported_option_is_warned_about(tmp_path: Path) -> None:
     )
     named = [w.removeprefix(f"{path}: ").split(": not supported")[0] for w in result.warnings]
     assert named == [
-        "[settings] vacmon_hostport",
         "[settings] version_logger",
         "[settings] gocdb_cert_file",
         "[settings] gocdb_key_file",

@@ -18,7 +18,7 @@ from lmrunner.config import Config
 from lmrunner.lifecycle import LmState, Outcome, OutcomeSource
 from lmrunner.payload import lm_name
 from lmrunner.state import LmRecord
-from lmrunner.vacquery import client, protocol, replies, responder
+from lmrunner.vacquery import client, protocol, replies, responder, snapshot
 from lmrunner.vacquery.client import Answers
 from lmrunner.vacquery.responder import Responder
 from tests.unit.test_factory import LONG, Env, bare_record
@@ -485,7 +485,7 @@ def test_a_snapshot_serves_until_a_write_a_reload_or_snapshot_seconds(
         assert first[lm_name(FACTORY, 2)]["state"] == "Shut down"
         assert first[lm_name(FACTORY, 0)]["time_sent"] == int(now[0])
 
-        now[0] += responder.SNAPSHOT_SECONDS / 2  # nothing written: the same snapshot
+        now[0] += snapshot.SNAPSHOT_SECONDS / 2  # nothing written: the same snapshot
         assert machines()[lm_name(FACTORY, 0)]["time_sent"] == int(now[0]) - 1
 
         env.store.insert(lm(env, 2, "beta", "33333333-new", created=now[0]))  # seen at once
@@ -498,7 +498,7 @@ def test_a_snapshot_serves_until_a_write_a_reload_or_snapshot_seconds(
         assert machines()[lm_name(FACTORY, 0)]["site"] == "SITE"  # a reload, seen at once
 
         before = int(now[0])
-        now[0] += responder.SNAPSHOT_SECONDS
+        now[0] += snapshot.SNAPSHOT_SECONDS
         assert machines()[lm_name(FACTORY, 0)]["time_sent"] == before + 1
     finally:
         made.close()

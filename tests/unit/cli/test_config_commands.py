@@ -115,8 +115,6 @@ def test_imported_vac_site_passes_check_unchanged(
         f"lmrunner: warning: {path}:{line('  gridpp-lz:')}: machinetypes.gridpp-lz: pipe "
         "'gridpp' offers no such machinetype (yet); section ignored",
         # What the import warned about, check says again: the options do nothing here.
-        f"lmrunner: warning: {path}:{line('  vacmon_hostport:')}: factory.vacmon_hostport: not "
-        "supported by lmrunner: it sends no VacMon messages",
         f"lmrunner: warning: {path}:{line('  version_logger: 1')}: factory.version_logger: not "
         "supported by lmrunner: it sends nothing to the GridPP version logger",
         f"lmrunner: warning: {path}:{line('    image_signing_dn:', line('  lhcb-vm:'))}: "
@@ -213,8 +211,6 @@ def test_check_warns_about_every_unsupported_option_set(
     assert main(["check", "--config", str(site), "--quiet"]) == 0  # warnings only
     # udp_timeout_seconds and root_device hold their defaults: that is what lmrunner does.
     assert capsys.readouterr().err.splitlines() == [
-        f"lmrunner: warning: {site}:2: factory.vacmon_hostport: not supported by lmrunner: it "
-        "sends no VacMon messages",
         f"lmrunner: warning: {confd / '50-devices.yaml'}:3: machinetypes.lhcb-dc.scratch_device: "
         "not supported by lmrunner: the scratch disk is the next virtio disk (vdb after a disk "
         "image, vda after an ISO or kernel; /dev/disk/by-id/virtio-scratch)",
@@ -270,16 +266,15 @@ def test_import_vac_conf_prints_every_warning(
 def test_reference_marks_unsupported_options() -> None:
     text = render()
     assert (
-        "| `vacmon_hostport` | list of text | [] |  | `vacmon_hostport` | VacMon receivers "
-        "(host:port) Vac sent factory, machinetype and machine status to. **Not supported by "
-        "lmrunner: it sends no VacMon messages.** |"
+        "| `version_logger` | integer | 0 |  | `version_logger` | factory_status messages per "
+        "day to the GridPP version logger (Vac sent one a day by default). **Not supported by "
+        "lmrunner: it sends nothing to the GridPP version logger.** |"
     ) in text
     accepted = text.split("## Vac options accepted but not supported")[1].split("\n## ")[0]
     rows = [row.split(" | ")[0] for row in accepted.splitlines() if row.startswith("| `")]
     assert rows == [
         "| `factory.gocdb_cert_file`",
         "| `factory.gocdb_key_file`",
-        "| `factory.vacmon_hostport`",
         "| `factory.version_logger`",
         "| `machinetypes.NAME.root_device`",
         "| `machinetypes.NAME.scratch_device`",

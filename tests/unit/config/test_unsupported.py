@@ -46,9 +46,8 @@ def test_the_vac_options_lmrunner_does_not_act_on_are_marked() -> None:
         for f, _hint in fields_of(cls)
         if info_of(f).unsupported
     }
-    yet: set[str] = set()  # options lmrunner will act on later (VacMon is issue 17's too)
+    yet: set[str] = set()  # options lmrunner will act on later
     assert set(marked) == yet | {
-        "FactoryConfig.vacmon_hostport",
         "FactoryConfig.version_logger",
         "FactoryConfig.gocdb_cert_file",
         "FactoryConfig.gocdb_key_file",
