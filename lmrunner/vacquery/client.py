@@ -126,7 +126,10 @@ def _gather(
 ) -> None:
     """Read replies until every factory gave all it announced, none came for ``quiet``
     seconds, or ``end``."""
-    while not all(answers.complete(name) for name in cookies):
+    # The factories still owing replies, kept as replies come (checking every factory after
+    # each datagram made a round quadratic: 3 million checks at 500 factories).
+    owing = {name for name in cookies if not answers.complete(name)}
+    while owing:
         left = end - time.monotonic()
         if left <= 0:
             return
@@ -167,3 +170,7 @@ def _gather(
         count = COUNT.get(answers.kind)
         if count is not None:
             answers.expected[factory] = max(int(reply[count]), 0)
+        if answers.complete(factory):
+            owing.discard(factory)
+        else:  # a later reply may announce more than an earlier one
+            owing.add(factory)

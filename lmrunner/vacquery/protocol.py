@@ -64,7 +64,7 @@ KEYS: dict[str, dict[str, tuple[type, ...]]] = {
         "num_machines": (int,),
         "machine": (str,),
         "state": (str,),
-        "machine_model": (str,),
+        "machine_model": _OPT_STR,  # Vac's empty slot: null
         "uuid": _OPT_STR,
         "created_time": _OPT_NUMBER,
         "started_time": _OPT_NUMBER,
@@ -82,7 +82,6 @@ KEYS: dict[str, dict[str, tuple[type, ...]]] = {
         **COMMON,
         "num_machinetypes": (int,),
         "machinetype": (str,),
-        "bytes_per_processor": _OPT_NUMBER,
         "running_hs06": _NUMBER,
         "running_machines": (int,),
         "running_cpus": _NUMBER,
@@ -130,6 +129,8 @@ OPTIONAL: dict[str, tuple[type, ...]] = {
     "fqan": (str,),
     "max_wallclock_seconds": _NUMBER,
     "max_processors": _NUMBER,
+    # vac.md lists it, but some Vac 01.03 releases do not send it: their replies still count.
+    "bytes_per_processor": _OPT_NUMBER,
 }
 
 

@@ -78,7 +78,7 @@ def machine(
     reply["machine"] = record.name if record else lm_name(factory.hostname, slot)
     reply["state"] = machine_state(record)
     if record is None:
-        reply.update(machine_model="", uuid=None, created_time=None, started_time=None,
+        reply.update(machine_model=None, uuid=None, created_time=None, started_time=None,
                      heartbeat_time=None, num_cpus=0, num_processors=0, cpu_seconds=0,
                      cpu_percentage=0, hs06=0, machinetype=None, shutdown_message=None,
                      shutdown_time=None)  # fmt: skip

@@ -822,13 +822,6 @@ def test_lmrunner_client_reads_vac_replies(vac: tuple[VacResponder, Path]) -> No
     check_lmrunner_requests(responder)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lmrunner/vacquery/protocol.py KEYS['machine_status']['machine_model'] is (str,): "
-    "lmrunner's client drops the machine_status of every empty Vac slot, where Vac (VacSlot "
-    "without a slot file) sends machine_model null; it then never has the num_machines "
-    "replies announced and retransmits until its deadline",
-)
 def test_lmrunner_client_keeps_vac_empty_slots(vac: tuple[VacResponder, Path]) -> None:
     """vac.md §8.3: one machine_status per slot, empty ones included (num_machines of them)."""
     from lmrunner.vacquery import client

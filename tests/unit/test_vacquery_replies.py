@@ -200,7 +200,7 @@ def test_machines_empty_slot(facts: Facts) -> None:
     )
     assert {key: empty[key] for key in nulls} == dict.fromkeys(nulls)
     assert (empty["num_processors"], empty["num_cpus"], empty["hs06"]) == (0, 0, 0)
-    assert empty["machine_model"] == ""
+    assert empty["machine_model"] is None  # as Vac says of an empty slot
     assert "fqan" not in empty
 
 
