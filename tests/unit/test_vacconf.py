@@ -159,8 +159,10 @@ def test_unsupported_options_are_carried_over_with_a_warning(site: Conversion) -
     header, body = site.yaml_text.split("\nfactory:")
     assert all(f"#   {w}" in header for w in site.warnings)
     # ... and beside each value, so whoever edits the YAML sees it too.
-    assert "  # not supported by lmrunner: it sends nothing to the GridPP version logger\n  " \
+    assert (
+        "  # not supported by lmrunner: it sends nothing to the GridPP version logger\n  "
         "version_logger:" in body
+    )
     assert "vacmon_hostport:" in body and "sends no VacMon" not in body  # lmrunner sends it
 
 
