@@ -187,6 +187,7 @@ class SpaceWatch:
             auth=self._auth(factory.space_secret_file, factory.space_answer_vac),
         )
         view = aggregate(answers, self.clock())
+        self._tell_aborts(view)
         if view.silent != self._silent:
             if view.silent:
                 LOG.warning("space: no answer from %s", ", ".join(view.silent))
@@ -195,6 +196,22 @@ class SpaceWatch:
             self._silent = view.silent
         self._view = view
         return view
+
+    def _tell_aborts(self, view: SpaceView) -> None:
+        """Log each abort elsewhere once, when first seen (it backs the type off here too)."""
+        before = self._view.types if self._view is not None else {}
+        for name, entry in sorted(view.types.items()):
+            if entry.last_abort is None:
+                continue
+            old = before.get(name)
+            if (
+                old is not None
+                and old.last_abort is not None
+                and old.last_abort >= entry.last_abort
+            ):
+                continue
+            LOG.info("space: machinetype %s aborted on %s at %d (its backoff applies here too)",
+                     name, entry.last_abort_factory, entry.last_abort)  # fmt: skip
 
     def _run(self) -> None:
         while not self._closed.is_set():
