@@ -294,6 +294,24 @@ def query(port: int, factory: str, request: dict[str, Any], *, address: str = "1
 # --- the lmrunner daemon ---------------------------------------------------------------------
 
 
+def _receiver() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.5)
+    return sock
+
+
+def _listen(daemon: Daemon, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            data = daemon.vacmon.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        daemon.heard.append(json.loads(data))
+
+
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -314,6 +332,9 @@ class Daemon:
     top: Path
     port: int
     process: subprocess.Popen[bytes] | None = None
+    #: A VacMon receiver (vac.md §8.5): what the daemon sends it, kept by a thread.
+    vacmon: socket.socket = field(default_factory=lambda: _receiver())
+    heard: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def config(self) -> Path:
@@ -342,6 +363,7 @@ class Daemon:
                 "factories": ["."],
                 "udp_timeout_seconds": 2,
                 "vacquery_port": self.port,
+                "vacmon_hostport": [f"127.0.0.1:{self.vacmon.getsockname()[1]}"],
             },
             "machinetypes": {
                 "a": {**LONG, "target_share": a_share, "min_processors": 2, "max_processors": 2},
@@ -376,6 +398,9 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """An lmrunner daemon whose ``b`` has aborted (a finished LM with a shutdown message) and
     whose ``a`` runs one 2-processor LM: one running slot, one empty slot, two machinetypes."""
     member = Daemon(tmp_path_factory.mktemp("vacquery-compat"), free_udp_port())
+    stop = threading.Event()
+    listener = threading.Thread(target=_listen, args=(member, stop), daemon=True)
+    listener.start()
     member.write(a_share=0)  # b alone first: ``a`` would otherwise take both processors
     with member.log.open("ab") as err:
         member.process = subprocess.Popen(
@@ -409,6 +434,10 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
             member.process.kill()
             member.process.wait()
             raise
+        finally:
+            stop.set()
+            listener.join(timeout=5)
+            member.vacmon.close()
 
 
 def ask(daemon: Daemon, kind: str, **extra: Any) -> Round:
@@ -854,3 +883,32 @@ def test_lmrunner_factories_lists_a_vac_factory(vac: tuple[VacResponder, Path]) 
     assert vac_row["status"]["max_processors"] == 4
     assert vac_row["status"]["daemon_version"] == "Vac 03.01 vacd-factory"
     check_lmrunner_requests(responder)
+
+
+# --- VacMon (vac.md §8.5): what a monitor receives ----------------------------------------
+
+
+def test_vacmon_gets_status_after_passes_and_each_ended_lm(daemon: Daemon) -> None:
+    """``factory_status`` and every ``machinetype_status`` after passes, and the
+    ``machine_status`` of each LM that ran and ended (``b``'s, with its 300), cookie "0",
+    each with every key Vac sends."""
+    deadline = time.monotonic() + 15 * TIMESCALE
+    while time.monotonic() < deadline and not any(
+        m.get("message_type") == "factory_status" for m in list(daemon.heard)
+    ):
+        time.sleep(0.2)
+    heard = list(daemon.heard)
+    kinds = {m.get("message_type") for m in heard}
+    assert {"factory_status", "machinetype_status", "machine_status"} <= kinds, kinds
+    for message in heard:
+        kind = message["message_type"]
+        assert check_envelope(message, kind, "0") == [], (kind, message)
+    types = {m["machinetype"] for m in heard if m["message_type"] == "machinetype_status"}
+    assert types == {"a", "b"}
+    ended = [m for m in heard if m["message_type"] == "machine_status"]
+    finished_b = {r.uuid for r in daemon.records() if r.machinetype == "b" and not r.active}
+    assert {m["uuid"] for m in ended} <= finished_b and ended
+    for message in ended:
+        assert message["machinetype"] == "b" and message["state"] == "Shut down"
+        assert message["shutdown_message"] == "300 No more work"
+        assert isinstance(message["shutdown_time"], int)
