@@ -174,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
             )
     from lmrunner.backends import make_backends
     from lmrunner.lmcgroups import host_cgroups
+    from lmrunner.vacquery.space import describe as describe_space
 
     names = {mt.backend.value for mt in config.machinetypes.values()}
     backends = make_backends(names, config.factory, host_cgroups(config.factory))
@@ -192,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         header = [f"effective configuration from {', '.join(map(str, config.files))}"]
         header += [pipe_summary(config, pipe) for pipe in config.pipes.values()]
+        header.append(describe_space(config))
         if not args.no_probe:
             header += host_report(config, backends)
     finally:

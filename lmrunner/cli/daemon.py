@@ -30,6 +30,7 @@ from lmrunner.pipewatch import PipeWatch
 from lmrunner.state import Store, StoreError
 from lmrunner.vacquery.responder import Responder
 from lmrunner.vacquery.space import SpaceWatch, others
+from lmrunner.vacquery.space import describe as describe_space
 from lmrunner.vacquery.vacmon import VacMon
 
 LOG = logging.getLogger("lmrunner.daemon")
@@ -179,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.once:
         pipes.start()
         responder = _responder(factory)  # first: factories starting together find each other
+    LOG.info("%s", describe_space(config))
     if others(config):
         LOG.info("space %s: asking %s (VacQuery)", config.factory.space,
                  ", ".join(others(config)))  # fmt: skip

@@ -123,6 +123,24 @@ def ask(
     )
 
 
+def describe(config: Config) -> str:
+    """One line on how this factory takes part in its space (``check``, the daemon's start)."""
+    factory = config.factory
+    port = factory.vacquery_port
+    answering = f"answers VacQuery on UDP {port}" if port else "answers no VacQuery (port 0)"
+    if factory.space_secret_file is None:
+        auth = "plain (Vac's protocol, unauthenticated)"
+    else:
+        auth = f"signed (HMAC, {factory.space_secret_file})"
+        if factory.space_answer_vac:
+            auth += ", answering Vac read-only"
+    line = (f"space {factory.space}: {len(others(config))} other factories; {answering}; "
+            f"{auth}")  # fmt: skip
+    if factory.vacmon_hostport:
+        line += f"; VacMon to {', '.join(factory.vacmon_hostport)}"
+    return line
+
+
 def others(config: Config) -> list[str]:
     """The space's factories other than this one (``.`` is this one)."""
     me = config.factory.hostname
