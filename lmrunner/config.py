@@ -28,6 +28,10 @@ SIMPLE_NAME = r"[A-Za-z0-9._-]+"
 STANDARD_MACHINEFEATURES = frozenset(
     {"total_cpu", "hs06", "shutdowntime", "grace_secs", "phys_cores", "log_cores", "jobslots"}
 )
+#: A TCP/UDP port, 1-65535.
+PORT_PATTERN = (
+    r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+)
 
 
 class BackendName(StrEnum):
@@ -266,8 +270,16 @@ class FactoryConfig:
         "every 10 s) this factory's factory_status and machinetype_status, and each ended LM's "
         "machine_status, as Vac sends them (UDP, fire-and-forget).",
         vac="vacmon_hostport",
-        pattern=r"[A-Za-z0-9.-]+:[0-9]+",
-        pattern_text="host:port",
+        pattern=r"[A-Za-z0-9.-]+:" + PORT_PATTERN,
+        pattern_text="host:port (port 1-65535)",
+    )
+    metrics_listen: str | None = option(
+        None,
+        "Address (host:port, [v6]:port) where the daemon serves Prometheus metrics at /metrics "
+        "and its read-only status page at /, e.g. 127.0.0.1:9525 or :9525 (every interface). "
+        "Unset: no HTTP endpoint.",
+        pattern=r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]*):" + PORT_PATTERN,
+        pattern_text="host:port (port 1-65535)",
     )
     version_logger: int = option(
         0,

@@ -42,6 +42,7 @@ from lmrunner.lifecycle import (
     start_failed_outcome,
 )
 from lmrunner.lmcgroups import LmCgroups
+from lmrunner.observe import Observer
 from lmrunner.reconcile import Reaper, cleanup_directories, engine_objects, remove_all
 from lmrunner.state import LmRecord, Store, StoreError, StoreUnwritable
 from lmrunner.vacquery.space import SpaceView
@@ -109,7 +110,7 @@ class Factory:
         images: ImageCache | None = None,
         disks: DiskMethod | None = None,
         space: Callable[[], SpaceView | None] | None = None,
-        on_end: Callable[[LmRecord], None] | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.config = config
         self.images = images or self._image_cache(config, clock)
@@ -121,7 +122,9 @@ class Factory:
         self.lm_disks = lmdisks.LmDisks(disks, store)
         #: The latest view of the other factories of the space (None: this one plans alone).
         self.space = space or (lambda: None)
-        self.endings = Endings(store, self.lm_cgroups, self.lm_disks, clock, on_end)
+        #: Told of starts, ends, passes and reactions (VacMon, metrics): takes note only.
+        self.observer = observer or Observer()
+        self.endings = Endings(store, self.lm_cgroups, self.lm_disks, clock, self.observer.ended)
         self.reaper = Reaper(store, clock, tuning.orphan_grace_seconds)
         self.enforcer = Enforcer(store, clock, clock())
         self.tuning = tuning
@@ -139,6 +142,7 @@ class Factory:
         self.unavailable: dict[str, str] = {}  # backend -> why (its machinetypes do not start)
         self.disk_refused: str | None = None  # why the last start was refused for its disk
         self._next_reconcile = 0.0
+        self._event_times: dict[str, float] = {}  # uuid -> when its engine's event came
         self._next_cleanup = 0.0
         self._deadline = 0.0
 
@@ -148,7 +152,7 @@ class Factory:
         """After a (re)start: reattach to every running LM and settle the half-done ones."""
         report = PassReport()
         for each in self.backends.values():
-            each.watch(self.events.put)
+            each.watch(self.event)
         for record in self.store.active():
             with guarded(record.name):
                 self._adopt(record, report)
@@ -228,6 +232,12 @@ class Factory:
                                    grace=0 if force else grace)  # fmt: skip
                 report.stopping.append(record.name)
 
+    def event(self, uuid: str) -> None:
+        """An engine says this LM may have ended (its watcher's thread): wake the loop. When
+        it came is kept for the reaction time (a dict item set is atomic under the GIL)."""
+        self._event_times.setdefault(uuid, time.monotonic())
+        self.events.put(uuid)
+
     def _handle_events(self, report: PassReport) -> None:
         seen: set[str] = set()
         while True:
@@ -242,6 +252,9 @@ class Factory:
             if record is not None and record.active and record.handle is not None:
                 with guarded(record.name):
                     self._check(record, report)
+            came = self._event_times.pop(uuid, None)
+            if came is not None:
+                self.observer.reacted(time.monotonic() - came)
 
     def _check(self, record: LmRecord, report: PassReport) -> None:
         """Ask the engine about an LM; record its end when it has ended."""
@@ -342,6 +355,7 @@ class Factory:
             if record is not None:
                 report.started.append(record.name)
                 started.append(record)
+                self.observer.started(record)
         return started
 
     def _disk_refusal(self, decision: slots.StartDecision, active: list[LmRecord]) -> str | None:
@@ -502,6 +516,7 @@ class Factory:
                 self.reload_requested.clear()
                 with guarded("reload"):
                     reload()
+            began = time.monotonic()
             try:
                 report = self.run_pass()
             except StoreUnwritable as err:
@@ -514,6 +529,7 @@ class Factory:
                 report = PassReport()
             if report.started or report.finished:
                 LOG.info("pass: started %s, finished %s", report.started, report.finished)
+            self.observer.passed(time.monotonic() - began, self.store_problem)
             if first and on_ready is not None:
                 with guarded("on_ready"):
                     on_ready()
@@ -539,7 +555,7 @@ class Factory:
         """Use ``config`` from the next pass on (:mod:`lmrunner.reload`)."""
         config = reloading.pinned(self.config, config)
         self.backends = reloading.remade(
-            self.config, config, self.backends, self.store.active(), make, self.events.put
+            self.config, config, self.backends, self.store.active(), make, self.event
         )
         for line in reloading.changes(self.config, config):
             LOG.info("reload: %s", line)

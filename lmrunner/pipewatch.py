@@ -45,6 +45,9 @@ class PipeWatch:
         self.clock = clock
         #: pipe -> (URL, document) of the copy the running configuration was loaded with
         self._known: dict[str, tuple[str, Mapping[str, Any] | None]] = {}
+        #: pipe -> when its copy was fetched, and failed refreshes (metrics; read elsewhere)
+        self.fetched: dict[str, float] = {}
+        self.failures: dict[str, int] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -59,7 +62,10 @@ class PipeWatch:
                 cached = self.store.load(name)
                 self._known[name] = (pipe.url, cached.document if cached else None)
             result = self.store.refresh(pipe, at=now)
+            if result.cached is not None:
+                self.fetched[name] = result.cached.fetched_at
             if result.status == "failed":
+                self.failures[name] = self.failures.get(name, 0) + 1
                 retry = RETRY_SECONDS
                 if result.cached is not None:
                     retry = min(retry, result.cached.cache_seconds)
@@ -79,6 +85,16 @@ class PipeWatch:
         if news:
             self.changed()
         return max(due - self.clock(), MIN_WAIT_SECONDS)
+
+    def status(self, now: float) -> dict[str, tuple[float | None, int]]:
+        """pipe -> (seconds since its copy was fetched, failed refreshes), for metrics."""
+        return {
+            name: (
+                None if name not in self.fetched else max(now - self.fetched[name], 0.0),
+                self.failures.get(name, 0),
+            )
+            for name in self.pipes()
+        }
 
     def start(self) -> None:
         """Run rounds in a daemon thread until :meth:`close`."""

@@ -5,7 +5,7 @@ and their aborts when there is a view of the space (:mod:`lmrunner.vacquery.spac
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import replace
 
 from lmrunner import slots
@@ -19,8 +19,16 @@ def histories(
 ) -> dict[str, slots.TypeHistory]:
     """Vac's backoff input: the end of the most recently created finished LM, if an abort; with
     a view of the space, the latest abort on any factory and what the others run (§3.4)."""
+    return histories_from(config, store.last_finished(config.machinetypes), space)
+
+
+def histories_from(
+    config: Config, last_finished: Mapping[str, LmRecord], space: SpaceView | None = None
+) -> dict[str, slots.TypeHistory]:
+    """:func:`histories` from each machinetype's most recently created ended LM, read
+    already."""
     out: dict[str, slots.TypeHistory] = {}
-    for name, record in store.last_finished(config.machinetypes).items():
+    for name, record in last_finished.items():
         aborted = record.outcome is not None and record.outcome.abort
         out[name] = slots.TypeHistory(last_abort=record.finished if aborted else None)
     if space is None:

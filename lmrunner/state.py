@@ -199,11 +199,23 @@ def _add_disks_v3(db: sqlite3.Connection) -> None:
     )
 
 
+def _index_times_v4(db: sqlite3.Connection) -> None:
+    """Schema 4: LMs by when they were created and ended (the status page's day, pruning)."""
+    _execute_script(
+        db,
+        """
+        CREATE INDEX lms_created ON lms(created);
+        CREATE INDEX lms_finished ON lms(finished)
+        """,
+    )
+
+
 #: MIGRATIONS[n] takes a database from schema version n to n + 1.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _create_v1,
     _add_accounting_v2,
     _add_disks_v3,
+    _index_times_v4,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -403,6 +415,33 @@ class Store:
                 states,
             ).fetchall()
         return rows
+
+    def timeline(self, since: float) -> list[sqlite3.Row]:
+        """Light rows of the LMs alive at or after ``since`` (created since, ended since, or
+        still active): machinetype, processors, created, started, finished, the outcome's
+        code. For the status page's plots (indexed: a day of a busy host, not its history)."""
+        columns = (
+            "machinetype, processors, created, started, finished, "
+            "json_extract(outcome, '$.code') AS code"
+        )
+        marks = ", ".join("?" for _ in ACTIVE)
+        states = tuple(s.value for s in ACTIVE)
+        return self.db.execute(
+            f"SELECT {columns} FROM lms WHERE created >= ? UNION ALL "
+            f"SELECT {columns} FROM lms WHERE created < ? AND finished >= ? UNION ALL "
+            f"SELECT {columns} FROM lms WHERE created < ? AND finished IS NULL "
+            f"AND state IN ({marks})",
+            (since, since, since, since, *states),
+        ).fetchall()
+
+    def last_ended(self, limit: int) -> list[sqlite3.Row]:
+        """Light rows of the ``limit`` LMs that ended last: name, machinetype, backend,
+        processors, started, finished, outcome (JSON)."""
+        return self.db.execute(
+            "SELECT name, machinetype, backend, processors, started, finished, outcome "
+            "FROM lms WHERE finished IS NOT NULL ORDER BY finished DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
 
     def ended_before(self, moment: float, *, cleaned: bool) -> list[LmRecord]:
         """Ended LMs that finished before ``moment`` and whose directory is (not) cleaned."""

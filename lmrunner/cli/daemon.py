@@ -9,6 +9,7 @@ import fcntl
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
@@ -25,9 +26,13 @@ from lmrunner.factory import Factory, PassReport, Tuning
 from lmrunner.fetch import ca_verify
 from lmrunner.lmcgroups import describe, host_cgroups
 from lmrunner.lmdisks import host_disks
+from lmrunner.metrics import Metrics, Sources
+from lmrunner.observe import Observers
 from lmrunner.pipes import PipeStore
 from lmrunner.pipewatch import PipeWatch
+from lmrunner.serve import Endpoint
 from lmrunner.state import Store, StoreError
+from lmrunner.statuspage import StatusPage
 from lmrunner.vacquery.responder import Responder
 from lmrunner.vacquery.space import SpaceWatch, others
 from lmrunner.vacquery.space import describe as describe_space
@@ -120,8 +125,18 @@ def run(args: argparse.Namespace) -> int:
     # The other factories of the space, asked beside the loop (read by the planner).
     space = SpaceWatch(lambda: factory.config)
     vacmon = VacMon(lambda: factory.config)  # fire-and-forget, from its own thread
+    metrics = Metrics(
+        Sources(
+            config=lambda: factory.config,
+            unavailable=lambda: dict(factory.unavailable),
+            backends=lambda: sorted(factory.backends),
+            space=space.view,
+            pipes=lambda: pipes.status(time.time()),
+            images=lambda: image_status(factory),
+        )
+    )
     factory = Factory(config, store, backends, tuning=tuning, cgroups=cgroups, disks=disks,
-                      space=space.view, on_end=vacmon.ended)  # fmt: skip
+                      space=space.view, observer=Observers([vacmon, metrics]))  # fmt: skip
     status = _Status(factory)
 
     def reload() -> None:
@@ -177,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
         stop(early_stop[0], None)
     store.set_meta("daemon_pid", str(os.getpid()))
     responder = None
+    endpoint = None if args.once else _endpoint(factory, metrics)
     if not args.once:
         pipes.start()
         responder = _responder(factory)  # first: factories starting together find each other
@@ -184,7 +200,10 @@ def run(args: argparse.Namespace) -> int:
     if others(config):
         LOG.info("space %s: asking %s (VacQuery)", config.factory.space,
                  ", ".join(others(config)))  # fmt: skip
-        space.round()  # the first pass plans with the space as it is (at most the deadline)
+        try:  # the first pass plans with the space as it is (at most the deadline)
+            space.round()
+        except Exception:  # the space is advisory: the watch tries again
+            LOG.exception("space: the first query round failed")
     if not args.once:
         space.start()
     vacmon.start()
@@ -192,7 +211,6 @@ def run(args: argparse.Namespace) -> int:
     def passed(report: PassReport) -> None:
         notifier.status(status.after(report))
         notifier.watchdog()  # from the loop itself: a loop that hangs stops feeding it
-        vacmon.passed()
 
     notifier.status("adopting running LMs")
     try:
@@ -203,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
         pipes.close()
         if responder is not None:
             responder.close()
+        if endpoint is not None:
+            endpoint.close()
         space.close()
         vacmon.close()  # after a last send of what is due
         with contextlib.suppress(StoreError):  # a broken store's own error is the one to show
@@ -211,6 +231,35 @@ def run(args: argparse.Namespace) -> int:
         store.close()
         lock.close()
     return 0
+
+
+def _endpoint(factory: Factory, metrics: Metrics) -> Endpoint | None:
+    """/metrics and the status page beside the loop; None (logged) when not configured or
+    its address cannot be taken: the factory runs on, unwatched."""
+    listen = factory.config.factory.metrics_listen
+    if listen is None:
+        return None
+    try:
+        page = StatusPage(lambda: factory.config, factory.space)
+        endpoint = Endpoint(listen, metrics, page).start()
+    except (OSError, ConfigError) as err:
+        LOG.error("metrics: cannot serve on %s: %s; nothing to scrape", listen, err)
+        return None
+    LOG.info("metrics: serving /metrics and the status page on %s", listen)
+    return endpoint
+
+
+def image_status(factory: Factory) -> dict[str, tuple[str, float | None]]:
+    """machinetype -> (its remote image's status, seconds since fetched), for metrics."""
+    now = time.time()
+    by_url = {row["url"]: row for row in factory.images.entries()}
+    out: dict[str, tuple[str, float | None]] = {}
+    for name, mt in factory.config.machinetypes.items():
+        row = by_url.get(mt.image)
+        if row is not None:
+            fetched = row["fetched"]
+            out[name] = (row["status"], None if fetched is None else max(now - fetched, 0.0))
+    return out
 
 
 def _responder(factory: Factory) -> Responder | None:

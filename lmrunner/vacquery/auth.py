@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from lmrunner.errors import ConfigError
+from lmrunner.yamlsrc import one_line
 
 LOG = logging.getLogger(__name__)
 TIME_KEY = "lmrunner_time"
@@ -50,33 +51,34 @@ MAX_SECRET_FILE = 4096
 def load_secret(path: Path) -> bytes:
     """The space secret from ``path``: a regular file owned by this user (root), readable by
     it alone (0600 or stricter), of 16 bytes or more. :class:`ConfigError` names the problem."""
+    shown = one_line(str(path))  # a name with a line break must not split the message
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as err:
-        raise ConfigError(f"{path}: cannot open the space secret: {err.strerror}") from err
+        raise ConfigError(f"{shown}: cannot open the space secret: {err.strerror}") from err
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{path}: the space secret must be a regular file")
+            raise ConfigError(f"{shown}: the space secret must be a regular file")
         if info.st_uid != os.geteuid():
             raise ConfigError(
-                f"{path}: the space secret must be owned by uid {os.geteuid()}, not {info.st_uid}"
+                f"{shown}: the space secret must be owned by uid {os.geteuid()}, not {info.st_uid}"
             )
         if info.st_mode & 0o077:
             raise ConfigError(
-                f"{path}: the space secret must be readable by its owner only (mode 0600), "
+                f"{shown}: the space secret must be readable by its owner only (mode 0600), "
                 f"not {stat.S_IMODE(info.st_mode):04o}"
             )
         data = os.read(fd, MAX_SECRET_FILE + 1)
     finally:
         os.close(fd)
     if len(data) > MAX_SECRET_FILE:
-        raise ConfigError(f"{path}: the space secret is over {MAX_SECRET_FILE} bytes")
+        raise ConfigError(f"{shown}: the space secret is over {MAX_SECRET_FILE} bytes")
     secret = data.strip()
     if len(secret) < MIN_SECRET:
         raise ConfigError(
-            f"{path}: the space secret must hold at least {MIN_SECRET} bytes, "
-            f"got {len(secret)} (e.g. openssl rand -hex 32 > {path})"
+            f"{shown}: the space secret must hold at least {MIN_SECRET} bytes, "
+            f"got {len(secret)} (e.g. openssl rand -hex 32 > {shown})"
         )
     return secret
 
@@ -115,13 +117,15 @@ class SpaceAuth:
     def verify(self, message: Mapping[str, Any]) -> bool:
         """Signed with this secret, within the time window."""
         mac, when = message.get(HMAC_KEY), message.get(TIME_KEY)
-        if not isinstance(mac, str) or isinstance(when, bool) or not isinstance(when, int | float):
+        if not isinstance(mac, str) or len(mac) != 64 or not mac.isascii():
             return False
-        if not abs(self.clock() - when) <= WINDOW_SECONDS:  # NaN fails too
+        if isinstance(when, bool) or not isinstance(when, int | float):
             return False
         try:
+            if not abs(self.clock() - float(when)) <= WINDOW_SECONDS:  # NaN fails too
+                return False
             expected = self._mac(message)
-        except (TypeError, ValueError):  # values JSON cannot spell again
+        except (TypeError, ValueError, OverflowError, RecursionError):  # hostile values
             return False
         return hmac.compare_digest(expected, mac)
 

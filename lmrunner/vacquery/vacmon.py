@@ -12,6 +12,7 @@ Vac); a full queue drops the oldest.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import socket
 import threading
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from lmrunner.config import Config
+from lmrunner.observe import Observer
 from lmrunner.state import LmRecord
 from lmrunner.vacquery import protocol, replies
 from lmrunner.vacquery.snapshot import Snapshots
@@ -38,12 +40,12 @@ def receivers(hostports: Iterable[str]) -> list[tuple[str, int]]:
     out = []
     for entry in hostports:
         host, _, port = entry.rpartition(":")
-        if host and port.isdigit():
+        if host and port.isdigit() and 0 < int(port) < 65536:
             out.append((host, int(port)))
     return out
 
 
-class VacMon:
+class VacMon(Observer):
     """Sends to ``factory.vacmon_hostport`` beside the loop until :meth:`close`."""
 
     def __init__(
@@ -72,7 +74,7 @@ class VacMon:
 
     # --- called by the loop: never blocks --------------------------------------------------
 
-    def passed(self) -> None:
+    def passed(self, seconds: float = 0.0, blocked: str | None = None) -> None:
         self._due.set()
 
     def ended(self, record: LmRecord) -> None:
@@ -92,6 +94,9 @@ class VacMon:
                         self.send_due(sock)
                     except Exception:  # monitoring must never stop: next time again
                         LOG.exception("vacmon: sending failed")
+                if self._ended:  # ends told while the last send ran: they are due too
+                    with contextlib.suppress(Exception):
+                        self.send_due(sock)
             finally:
                 self._snapshots.close()
 
@@ -118,7 +123,7 @@ class VacMon:
                 try:
                     sock.sendto(protocol.encode(message), address)
                     self.sent += 1
-                except (OSError, UnicodeError) as err:
+                except (OSError, UnicodeError, OverflowError, ValueError) as err:
                     self.failed += 1
                     LOG.debug("vacmon: cannot send to %s:%d: %s", *address, err)
                     break  # this receiver now: the next one still gets its messages

@@ -1,0 +1,107 @@
+"""The daemon's HTTP endpoint (``factory.metrics_listen``): ``/metrics`` for Prometheus and
+``/``, the read-only status page. One thread beside the loop serves one request at a time
+(a scrape reads the store through the collector's own connection, which stays in this thread);
+a client that stalls is dropped after :data:`TIMEOUT_SECONDS`. Nothing here writes anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+from prometheus_client.exposition import choose_encoder
+
+from lmrunner.errors import ConfigError
+from lmrunner.metrics import Metrics
+from lmrunner.statuspage import StatusPage
+
+LOG = logging.getLogger(__name__)
+TIMEOUT_SECONDS = 10.0
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``:port`` (every interface) as (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"metrics_listen: expected host:port, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+class _Server(HTTPServer):
+    def __init__(self, address: tuple[str, int], app: Endpoint) -> None:
+        self.app = app
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    timeout = TIMEOUT_SECONDS  # a stalled client is dropped, the next one served
+    server_version = "lmrunner"
+    sys_version = ""
+
+    def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
+    def _answer(self, body: bool) -> None:
+        path = self.path.split("?", 1)[0]
+        app = self.server.app
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            data = encoder(app.metrics.registry)
+        elif path == "/" and app.page is not None:
+            data, content_type = app.page(), "text/html; charset=utf-8"
+        else:
+            data, content_type = b"not found\n", "text/plain; charset=utf-8"
+            self.send_response(404)
+            self._send(data, content_type, body)
+            return
+        self.send_response(200)
+        self._send(data, content_type, body)
+
+    def _send(self, data: bytes, content_type: str, body: bool) -> None:
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        LOG.debug("http: %s %s", self.address_string(), format % args)
+
+
+class Endpoint:
+    """Serves ``/metrics`` (and ``page`` at ``/``) on ``listen`` until :meth:`close`."""
+
+    def __init__(self, listen: str, metrics: Metrics, page: StatusPage | None = None) -> None:
+        self.metrics = metrics
+        self.page = page
+        self._httpd = _Server(parse_listen(listen), self)
+        self.port = int(self._httpd.server_address[1])
+        self._thread = threading.Thread(target=self._serve, name="metrics", daemon=True)
+
+    def start(self) -> Endpoint:
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        try:
+            self._httpd.serve_forever(poll_interval=0.5)
+        finally:  # their store connections are this thread's
+            self.metrics.collector.close()
+            if self.page is not None:
+                self.page.close()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+            self._thread.join(timeout=10)
+        self._httpd.server_close()
