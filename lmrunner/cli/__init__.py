@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ps": ("ps", "list logical machines (running ones; --all for finished too)"),
     "machinetypes": ("machinetypes", "each machinetype's share, running LMs, backoff, outcome"),
     "factories": ("factories", "ask every factory of the space how it is (VacQuery)"),
+    "health": ("health", "Nagios/NRPE check of this factory (exit 0/1/2/3, like check-vacd)"),
     "stop": ("control", "stop an LM gracefully (then kill after its grace period)"),
     "kill": ("control", "kill an LM at once"),
     "drain": ("control", "start no new LMs (running ones continue)"),

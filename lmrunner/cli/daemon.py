@@ -24,6 +24,7 @@ from lmrunner.diskmethods import describe as describe_disks
 from lmrunner.errors import ConfigError, LmrunnerError
 from lmrunner.factory import Factory, PassReport, Tuning
 from lmrunner.fetch import ca_verify
+from lmrunner.health import HeartbeatWriter
 from lmrunner.lmcgroups import describe, host_cgroups
 from lmrunner.lmdisks import host_disks
 from lmrunner.metrics import Metrics, Sources
@@ -208,9 +209,14 @@ def run(args: argparse.Namespace) -> int:
         space.start()
     vacmon.start()
 
+    heartbeat = HeartbeatWriter(config.factory.state_dir)
+
     def passed(report: PassReport) -> None:
         notifier.status(status.after(report))
         notifier.watchdog()  # from the loop itself: a loop that hangs stops feeding it
+        view = space.view()
+        heartbeat.beat(factory.unavailable, factory.store_problem,
+                       () if view is None else view.silent)  # fmt: skip
 
     notifier.status("adopting running LMs")
     try:
