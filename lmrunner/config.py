@@ -194,6 +194,22 @@ class FactoryConfig:
         "there; an LM that would promise more does not start.",
         minimum=1.0,
     )
+    history_days: float = option(
+        30.0,
+        "Days an ended LM stays in the state store (ps --all, the status page, backoff) after "
+        "its directory was removed (machinetypes' machines_dir_days) and its accounting record "
+        "written; pruned in small batches beside the loop. Each machinetype's latest ended LM "
+        "is kept. 0: forever.",
+        unit="days",
+        minimum=0,
+    )
+    accounting_days: float = option(
+        800.0,
+        "Days accounting records (lmrunner accounting, apel-sync) are kept after the LM ended, "
+        "once their APEL message is written and the LM left the store. 0: forever.",
+        unit="days",
+        minimum=0,
+    )
     overload_per_processor: float = option(
         1.25,
         "No LM is started while the load average exceeds this times the running processors.",

@@ -4,12 +4,14 @@ redirect-checked streamed GET the image cache downloads through."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
-
-import requests
 
 from lmrunner import __version__
 from lmrunner.errors import LmrunnerError
+
+if TYPE_CHECKING:  # requests costs ~50 ms to import: commands that never fetch skip it
+    import requests
 
 #: The grid's CA folder (hashed certificates), used for https when no ca_path is configured.
 GRID_CA_DIR = Path("/etc/grid-security/certificates")
@@ -108,6 +110,8 @@ def fetch_bytes(
     if allow_http is not None and (problem := url_problem(url, allow_http=allow_http)):
         raise FetchError(problem)
     headers = {"User-Agent": f"lmrunner/{__version__}"}
+    import requests
+
     client = session or requests.Session()
     try:
         # verify=None: the session's own setting, as before verify was a parameter.

@@ -17,8 +17,7 @@ import uuid as uuid_mod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-
-import requests
+from typing import TYPE_CHECKING
 
 from lmrunner import __version__, atomic, proxy
 from lmrunner.config import (
@@ -31,6 +30,9 @@ from lmrunner.config import (
 from lmrunner.errors import LmrunnerError
 from lmrunner.fetch import FetchError, ca_verify, fetch_bytes
 from lmrunner.model import MIB, Limits, Mount, Placement
+
+if TYPE_CHECKING:
+    import requests
 
 LOG = logging.getLogger(__name__)
 

@@ -18,9 +18,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import requests
+from typing import TYPE_CHECKING, Any
 
 from lmrunner import atomic
 from lmrunner.config import MachinetypeConfig, PipeConfig
@@ -29,6 +27,9 @@ from lmrunner.fetch import FetchError, fetch_bytes
 from lmrunner.schema import Problems, build
 from lmrunner.vactables import VAC_MODELS, vac_names
 from lmrunner.yamlsrc import Located, Where, decode_text, located_from, one_line, tree_problem
+
+if TYPE_CHECKING:
+    import requests
 
 LOG = logging.getLogger(__name__)
 
@@ -101,8 +102,18 @@ class PipeStore:
     ) -> None:
         """``verify``: requests' CA setting (:func:`lmrunner.fetch.ca_verify`); None: its own."""
         self.cache_dir = cache_dir
-        self.session = session or requests.Session()
+        self._session = session
         self.verify = verify
+
+    @property
+    def session(self) -> requests.Session:
+        """Made at the first fetch: reading the cached copies (every CLI command) never pays
+        for importing requests."""
+        if self._session is None:
+            import requests
+
+            self._session = requests.Session()
+        return self._session
 
     def path(self, name: str) -> Path:
         return self.cache_dir / f"{name}.json"

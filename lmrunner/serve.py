@@ -25,7 +25,7 @@ TIMEOUT_SECONDS = 10.0
 def parse_listen(text: str) -> tuple[str, int]:
     """``host:port``, ``[v6]:port`` or ``:port`` (every interface) as (host, port)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any (tests)
         raise ConfigError(f"metrics_listen: expected host:port, got {text!r}")
     return host.strip("[]"), int(port)
 

@@ -416,6 +416,37 @@ class Store:
             ).fetchall()
         return rows
 
+    def prune_lms(self, before: float, limit: int) -> int:
+        """Remove up to ``limit`` ended LMs that finished before ``before``, whose directory is
+        cleaned, whose disk is released and whose accounting record exists, except each
+        machinetype's latest (backoff reads it); returns how many. One short transaction."""
+        with self.write():
+            cursor = self.db.execute(
+                "DELETE FROM lms WHERE uuid IN (SELECT l.uuid FROM lms l "
+                "WHERE l.finished IS NOT NULL AND l.finished < ? AND l.cleaned = 1 "
+                "AND l.disk IS NULL "
+                "AND EXISTS (SELECT 1 FROM accounting a WHERE a.uuid = l.uuid) "
+                "AND EXISTS (SELECT 1 FROM lms n WHERE n.machinetype = l.machinetype "
+                "AND n.created > l.created AND n.finished IS NOT NULL) "
+                "ORDER BY l.finished LIMIT ?)",
+                (before, limit),
+            )
+            return int(cursor.rowcount)
+
+    def prune_accounting(self, before: float, limit: int, *, apel: bool) -> int:
+        """Remove up to ``limit`` accounting records of LMs that finished before ``before``
+        (with ``apel``, only those whose APEL message is written) and whose LM row is gone."""
+        written = "AND a.apel_written = 1 " if apel else ""
+        with self.write():
+            cursor = self.db.execute(
+                "DELETE FROM accounting WHERE uuid IN (SELECT a.uuid FROM accounting a "
+                f"WHERE a.finished < ? {written}"
+                "AND NOT EXISTS (SELECT 1 FROM lms l WHERE l.uuid = a.uuid) "
+                "ORDER BY a.finished LIMIT ?)",
+                (before, limit),
+            )
+            return int(cursor.rowcount)
+
     def timeline(self, since: float) -> list[sqlite3.Row]:
         """Light rows of the LMs alive at or after ``since`` (created since, ended since, or
         still active): machinetype, processors, created, started, finished, the outcome's

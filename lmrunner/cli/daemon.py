@@ -31,6 +31,7 @@ from lmrunner.metrics import Metrics, Sources
 from lmrunner.observe import Observers
 from lmrunner.pipes import PipeStore
 from lmrunner.pipewatch import PipeWatch
+from lmrunner.prune import Pruner
 from lmrunner.serve import Endpoint
 from lmrunner.state import Store, StoreError
 from lmrunner.statuspage import StatusPage
@@ -194,8 +195,10 @@ def run(args: argparse.Namespace) -> int:
     store.set_meta("daemon_pid", str(os.getpid()))
     responder = None
     endpoint = None if args.once else _endpoint(factory, metrics)
+    pruner = Pruner(lambda: factory.config)
     if not args.once:
         pipes.start()
+        pruner.start()
         responder = _responder(factory)  # first: factories starting together find each other
     LOG.info("%s", describe_space(config))
     if others(config):
@@ -229,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
             responder.close()
         if endpoint is not None:
             endpoint.close()
+        pruner.close()
         space.close()
         vacmon.close()  # after a last send of what is due
         with contextlib.suppress(StoreError):  # a broken store's own error is the one to show

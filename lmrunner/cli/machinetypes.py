@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 from lmrunner import lmdisks, payload, slots
-from lmrunner.cli import spaceviews
 from lmrunner.cli.common import common_options, load
 from lmrunner.diskmethods import DiskMethod, DiskUnsupported, open_disk_method
 from lmrunner.lifecycle import ACTIVE
@@ -27,12 +26,20 @@ def add_parser(sub: Any) -> None:
         "start now (or why not: backoff until when, share 0, ...), and its last outcome.",
     )
     parser.add_argument("--json", action="store_true", help=f"print JSON (schema {SCHEMA})")
-    spaceviews.add_options(parser)
+    parser.add_argument(
+        "--space",
+        action="store_true",
+        help="each machinetype summed over every factory of the space (VacQuery; schema "
+        "lmrunner.machinetypes.space/1 with --json)",
+    )
+    parser.add_argument("--timeout", type=float, help="with --space: seconds in all")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.space:
+        from lmrunner.cli import spaceviews  # VacQuery only when asked
+
         return spaceviews.machinetypes(args)
     config = load(args, check_files=False)
     store = Store(config.factory.state_dir)

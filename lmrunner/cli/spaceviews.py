@@ -23,18 +23,6 @@ MACHINETYPES_SCHEMA = "lmrunner.machinetypes.space/1"
 EMPTY = "Shut down"
 
 
-def add_options(parser: argparse.ArgumentParser) -> None:
-    """--space and --timeout, for `machinetypes` (ps has its own words)."""
-    parser.add_argument(
-        "--space",
-        action="store_true",
-        help="ask every factory of the space (factory.factories) over VacQuery instead",
-    )
-    parser.add_argument(
-        "--timeout", type=float, help="with --space: seconds in all (udp_timeout_seconds)"
-    )
-
-
 def _factories(answers: client.Answers, names: list[str]) -> list[dict[str, Any]]:
     return [
         {
