@@ -111,7 +111,9 @@ class StatusPage:
             _summary(config, active, now, draining, self.space()),
             _machinetypes(config, active, last, self.space(), now),
             _running(active, now, self.usage),
-            _plots(timeline, now, config.factory.total_processors),
+            _plots(
+                timeline, now, config.factory.total_processors, sum(r.processors for r in active)
+            ),  # fmt: skip
             _ended(ended, now),
         ]
         title = f"lmrunner {config.factory.hostname}"
@@ -278,7 +280,7 @@ def day_series(
     return starts, ends, busy
 
 
-def _plots(timeline: Sequence[sqlite3.Row], now: float, total: int) -> str:
+def _plots(timeline: Sequence[sqlite3.Row], now: float, total: int, used: int) -> str:
     starts, ends, busy = day_series(timeline, now)
     hours = [_hour(now - DAY + (i + 1) * DAY / BINS) for i in range(BINS)]
     parts = ["<h2>The last day</h2>", "<div class=plots>"]
@@ -297,7 +299,7 @@ def _plots(timeline: Sequence[sqlite3.Row], now: float, total: int) -> str:
     rounded = [round(value, 1) for value in busy]
     parts.append(
         _figure(
-            f"Processors in use (of {total})",
+            f"Processors in use, hourly mean (of {total}; {used} now)",
             _line(busy, max(total, 1)),
             hours,
             [("processors", rounded)],
