@@ -113,7 +113,7 @@ class StatusPage:
             _running(active, now, self.usage),
             _plots(
                 timeline, now, config.factory.total_processors, sum(r.processors for r in active)
-            ),  # fmt: skip
+            ),
             _ended(ended, now),
         ]
         title = f"lmrunner {config.factory.hostname}"
