@@ -111,10 +111,18 @@ class Metrics(Observer):
             "1 while the state directory cannot take more (full or read-only): no LM starts.",
             registry=r,
         )
-        self.collector = FactoryCollector(sources)
+        self.collector = FactoryCollector(sources, self._prepare)
         r.register(self.collector)
 
     # --- the loop's news: counters only -------------------------------------------------------
+
+    def _prepare(self, config: Config) -> None:
+        """Each configured machinetype's counters exist from the first scrape (at 0), so that
+        increase() counts its first start or OOM kill after a restart."""
+        for mt in config.machinetypes.values():
+            self.starts.labels(mt.name, mt.backend.value)
+            self.ooms.labels(mt.name)
+            self.cpu.labels(mt.name)
 
     def started(self, record: LmRecord) -> None:
         self.starts.labels(record.machinetype, record.backend).inc()
@@ -141,8 +149,11 @@ class Metrics(Observer):
 class FactoryCollector(Collector):
     """State metrics, computed on each scrape from the store and :class:`Sources`."""
 
-    def __init__(self, sources: Sources) -> None:
+    def __init__(
+        self, sources: Sources, prepare: Callable[[Config], None] = lambda config: None
+    ) -> None:
         self.sources = sources
+        self.prepare = prepare
         self._store: Store | None = None
         self.scrapes = 0
 
@@ -166,6 +177,7 @@ class FactoryCollector(Collector):
         sources = self.sources
         config = sources.config()
         now = sources.clock()
+        self.prepare(config)
         yield _one(
             "build_info",
             "This lmrunner: version and Python.",
@@ -268,6 +280,12 @@ def _machinetypes(
     )
     for mt in config.machinetypes.values():
         share.add_metric([mt.name], mt.target_share)
+    last_abort = GaugeMetricFamily(
+        f"{PREFIX}_machinetype_last_abort_timestamp_seconds",
+        "When an LM of the machinetype last ended with a code of 300 or more, here or anywhere "
+        "in the space (what backoff counts from).",
+        labels=["machinetype"],
+    )
     if read is not None and config.machinetypes and isinstance(read, tuple):
         _active, last = read
         histories = planning.histories_from(config, last, sources.space())
@@ -276,8 +294,11 @@ def _machinetypes(
             abort = None if history is None else history.last_abort
             backing = abort is not None and now < abort + mt.backoff_seconds
             backoff.add_metric([name], float(backing))
+            if abort is not None:
+                last_abort.add_metric([name], abort)
     yield share
     yield backoff
+    yield last_abort
 
 
 def _engines(sources: Sources) -> Iterator[GaugeMetricFamily]:
