@@ -10,6 +10,7 @@ the state directory's filesystem and gives Vac's ``check-vacd`` exit codes: 0 OK
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -81,6 +82,8 @@ def read_heartbeat(state_dir: Path) -> Heartbeat | None:
     try:
         with (state_dir / HEARTBEAT).open("rb") as handle:
             data = json.loads(handle.read(MAX_HEARTBEAT_BYTES))
+        if not math.isfinite(float(data["time"])):
+            return None
         return Heartbeat(
             float(data["time"]), int(data["pid"]), dict(data.get("unavailable") or {}),
             data.get("state_dir_problem"), list(data.get("silent") or []),
@@ -100,7 +103,14 @@ class Verdict:
         return f"LMRUNNER {WORDS[self.code]} - {self.text}{tail}"
 
 
+def _plain(text: str) -> str:
+    """One line without Nagios' perfdata separator: engines' messages may hold either."""
+    return " ".join(text.replace("|", "/").split())
+
+
 def _alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(0, ...) signals our own group: never a daemon's pid
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -133,6 +143,8 @@ def judge(
             problems.append((CRITICAL, f"the daemon (pid {heartbeat.pid}) is not running"))
         elif age > STALE_SECONDS:
             problems.append((CRITICAL, f"the daemon has not passed for {age:.0f} s"))
+        elif age > STALE_SECONDS / 2:
+            problems.append((WARNING, f"the daemon's last pass was {age:.0f} s ago"))
         if heartbeat.state_dir_problem:
             problems.append((CRITICAL, f"no LM starts: {heartbeat.state_dir_problem}"))
         for backend, why in sorted(heartbeat.unavailable.items()):
@@ -140,12 +152,14 @@ def judge(
         if heartbeat.silent:
             problems.append((WARNING, f"no answer from {', '.join(heartbeat.silent)}"[:200]))
     if free_share is not None:
-        perf.append(f"state_dir_free={100 * free_share:.1f}%;{100 * FREE_WARNING:.0f};"
-                    f"{100 * FREE_CRITICAL:.0f}")  # fmt: skip
+        # Lower is worse: Nagios ranges "N:" alert below N.
+        perf.append(f"state_dir_free={100 * free_share:.1f}%;{100 * FREE_WARNING:.0f}:;"
+                    f"{100 * FREE_CRITICAL:.0f}:")  # fmt: skip
         if free_share < FREE_CRITICAL:
             problems.append((CRITICAL, f"state directory {100 * free_share:.1f}% free"))
         elif free_share < FREE_WARNING:
             problems.append((WARNING, f"state directory {100 * free_share:.1f}% free"))
+    problems = [(level, _plain(text)) for level, text in problems]
     code = max((level for level, _ in problems), default=OK)
     summary = f"{lms} LMs on {processors_used} of {processors_total} processors"
     if problems:

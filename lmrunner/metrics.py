@@ -67,6 +67,10 @@ class Metrics(Observer):
         # No auto_describe: registering must not run a scrape (the factory may not exist yet).
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
+        # Registered first: a scrape runs it first, and it makes the configured machinetypes'
+        # counters (at 0) before the registry reaches them in that same scrape.
+        self.collector = FactoryCollector(sources, self._prepare)
+        r.register(self.collector)
         self.starts = Counter(
             f"{PREFIX}_lm_starts", "LMs started.", ["machinetype", "backend"], registry=r
         )
@@ -111,8 +115,6 @@ class Metrics(Observer):
             "1 while the state directory cannot take more (full or read-only): no LM starts.",
             registry=r,
         )
-        self.collector = FactoryCollector(sources, self._prepare)
-        r.register(self.collector)
 
     # --- the loop's news: counters only -------------------------------------------------------
 
@@ -154,23 +156,20 @@ class FactoryCollector(Collector):
     ) -> None:
         self.sources = sources
         self.prepare = prepare
-        self._store: Store | None = None
         self.scrapes = 0
 
-    def close(self) -> None:
-        """In the thread that scraped (the connection is that thread's)."""
-        if self._store is not None:
-            self._store.close()
-            self._store = None
-
     def _read(self, config: Config) -> tuple[list[LmRecord], dict[str, LmRecord]] | None:
+        # A connection per scrape (a millisecond): whichever thread serves it may use it.
         try:
-            if self._store is None:
-                self._store = Store(config.factory.state_dir, readonly=True)
-            return self._store.active(), self._store.last_finished(config.machinetypes)
+            store = Store(config.factory.state_dir, readonly=True)
         except StoreError:
-            self.close()
             return None
+        try:
+            return store.active(), store.last_finished(config.machinetypes)
+        except StoreError:
+            return None
+        finally:
+            store.close()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         self.scrapes += 1

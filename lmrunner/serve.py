@@ -1,15 +1,18 @@
 """The daemon's HTTP endpoint (``factory.metrics_listen``): ``/metrics`` for Prometheus and
-``/``, the read-only status page. One thread beside the loop serves one request at a time
-(a scrape reads the store through the collector's own connection, which stays in this thread);
-a client that stalls is dropped after :data:`TIMEOUT_SECONDS`. Nothing here writes anything.
+``/``, the read-only status page. Beside the loop: each connection gets a thread (at most
+:data:`MAX_CLIENTS`; more are closed at once), so a client that stalls or trickles holds only
+its own: dropped after :data:`TIMEOUT_SECONDS` without a byte, or :data:`LIFETIME_SECONDS` in
+all; the answers themselves
+are made one at a time (each opens its own store connection). Nothing here writes anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client.exposition import choose_encoder
@@ -20,6 +23,10 @@ from lmrunner.statuspage import StatusPage
 
 LOG = logging.getLogger(__name__)
 TIMEOUT_SECONDS = 10.0
+#: The longest any connection lives, however slowly it trickles bytes in.
+LIFETIME_SECONDS = 30.0
+#: Connections served at once; a flood beyond is closed without an answer.
+MAX_CLIENTS = 16
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -30,11 +37,35 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class _Server(HTTPServer):
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a trickling client never holds up the daemon's exit
+
     def __init__(self, address: tuple[str, int], app: Endpoint) -> None:
         self.app = app
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.clients = threading.BoundedSemaphore(MAX_CLIENTS)
+        self.work = threading.Lock()  # one scrape or page at a time: bounded CPU
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.clients.acquire(blocking=False):
+            self.shutdown_request(request)  # too many at once: this one is dropped
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.clients.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.clients.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that went away mid-answer is its business: no traceback on stderr.
+        LOG.debug("http: %s: request failed", client_address, exc_info=True)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -42,6 +73,22 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = TIMEOUT_SECONDS  # a stalled client is dropped, the next one served
     server_version = "lmrunner"
     sys_version = ""
+
+    def setup(self) -> None:
+        super().setup()
+        # A client sending a byte now and then never meets the read timeout: a timer ends it.
+        self._expiry = threading.Timer(LIFETIME_SECONDS, self._expire)
+        self._expiry.daemon = True
+        self._expiry.start()
+
+    def _expire(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._expiry.cancel()
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def do_GET(self) -> None:
         self._answer(body=True)
@@ -54,9 +101,11 @@ class _Handler(BaseHTTPRequestHandler):
         app = self.server.app
         if path == "/metrics":
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            data = encoder(app.metrics.registry)
+            with self.server.work:
+                data = encoder(app.metrics.registry)
         elif path == "/" and app.page is not None:
-            data, content_type = app.page(), "text/html; charset=utf-8"
+            with self.server.work:
+                data, content_type = app.page(), "text/html; charset=utf-8"
         else:
             data, content_type = b"not found\n", "text/plain; charset=utf-8"
             self.send_response(404)
@@ -93,12 +142,7 @@ class Endpoint:
         return self
 
     def _serve(self) -> None:
-        try:
-            self._httpd.serve_forever(poll_interval=0.5)
-        finally:  # their store connections are this thread's
-            self.metrics.collector.close()
-            if self.page is not None:
-                self.page.close()
+        self._httpd.serve_forever(poll_interval=0.5)
 
     def close(self) -> None:
         if self._thread.is_alive():

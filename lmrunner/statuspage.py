@@ -70,7 +70,7 @@ def live(record: LmRecord) -> Live:
 
 
 class StatusPage:
-    """Renders the page from the store; use from one thread (its connection's)."""
+    """Renders the page from the store (a connection of its own per page)."""
 
     def __init__(
         self,
@@ -83,19 +83,12 @@ class StatusPage:
         self.space = space
         self.clock = clock
         self.usage = usage
-        self._store: Store | None = None
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
 
     def __call__(self) -> bytes:
         config = self.config()
-        try:
-            if self._store is None:
-                self._store = Store(config.factory.state_dir, readonly=True)
-            store = self._store
+        store: Store | None = None
+        try:  # a connection per page (a millisecond): whichever thread serves it may use it
+            store = Store(config.factory.state_dir, readonly=True)
             now = self.clock()
             active = store.active()
             last = store.last_finished(config.machinetypes)
@@ -103,10 +96,12 @@ class StatusPage:
             ended = store.last_ended(RECENT)
             draining = store.meta("draining") == "1"
         except StoreError as err:
-            self.close()
             return _document(
                 "lmrunner", f"<p class=bad>The state store cannot be read: {_e(str(err))}</p>"
             ).encode()
+        finally:
+            if store is not None:
+                store.close()
         body = [
             _summary(config, active, now, draining, self.space()),
             _machinetypes(config, active, last, self.space(), now),
