@@ -196,10 +196,10 @@ class FactoryConfig:
     )
     history_days: float = option(
         30.0,
-        "Days an ended LM stays in the state store (ps --all, the status page, backoff) after "
-        "its directory was removed (machinetypes' machines_dir_days) and its accounting record "
-        "written; pruned in small batches beside the loop. Each machinetype's latest ended LM "
-        "is kept. 0: forever.",
+        "Days after its end an LM leaves the state store (ps --all, the status page), once its "
+        "directory is removed (machinetypes' machines_dir_days; never while kept), its disk "
+        "and cgroup released and its accounting record written; pruned in small batches beside "
+        "the loop. Each machinetype's latest ended LM is kept. 0: forever.",
         unit="days",
         minimum=0,
     )

@@ -103,9 +103,9 @@ class Verdict:
         return f"LMRUNNER {WORDS[self.code]} - {self.text}{tail}"
 
 
-def _plain(text: str) -> str:
+def plain(text: str) -> str:
     """One line without Nagios' perfdata separator: engines' messages may hold either."""
-    return " ".join(text.replace("|", "/").split())
+    return " ".join(text.replace("|", "/").split())[:300]
 
 
 def _alive(pid: int) -> bool:
@@ -124,15 +124,17 @@ def judge(
     heartbeat: Heartbeat | None,
     *,
     now: float,
-    lms: int,
-    processors_used: int,
+    lms: int | None,
+    processors_used: int | None,
     processors_total: int,
     free_share: float | None,
     alive: Any = _alive,
 ) -> Verdict:
     """The verdict: CRITICAL when no daemon passes or the state directory cannot take more or
     is nearly full; WARNING for a broken engine, a filling disk, silent factories."""
-    perf = [f"lms={lms}", f"processors={processors_used};;;0;{processors_total}"]
+    perf = []
+    if lms is not None and processors_used is not None:
+        perf = [f"lms={lms}", f"processors={processors_used};;;0;{processors_total}"]
     problems: list[tuple[int, str]] = []
     if heartbeat is None:
         problems.append((CRITICAL, "no daemon heartbeat (is lmrunner daemon running?)"))
@@ -159,9 +161,11 @@ def judge(
             problems.append((CRITICAL, f"state directory {100 * free_share:.1f}% free"))
         elif free_share < FREE_WARNING:
             problems.append((WARNING, f"state directory {100 * free_share:.1f}% free"))
-    problems = [(level, _plain(text)) for level, text in problems]
+    problems = [(level, plain(text)) for level, text in problems]
     code = max((level for level, _ in problems), default=OK)
     summary = f"{lms} LMs on {processors_used} of {processors_total} processors"
+    if lms is None:
+        summary = "LMs unknown (the state store cannot be read)"
     if problems:
         worst = [text for level, text in problems if level == code]
         text = "; ".join(worst + [text for level, text in problems if level != code])

@@ -118,7 +118,7 @@ class LmCgroups:
         if ref is None and record.cgroup is not None:
             # An unreadable reference: forget it, and the cgroup is found by its name
             # (lm-<uuid>) as an unrecorded one by :meth:`remove_leftovers`.
-            self.store.update(record.uuid, cgroup=None)
+            self._forget(record)
             return self.controller is None
         if ref is None or self.controller is None:
             return record.cgroup is None
@@ -128,8 +128,12 @@ class LmCgroups:
         except CgroupError as err:
             LOG.error("lm=%s: cannot remove its cgroup yet: %s", record.name, err)
             return False
-        self.store.update(record.uuid, cgroup=None)
+        self._forget(record)
         return True
+
+    def _forget(self, record: LmRecord) -> None:
+        if self.store.get(record.uuid) is not None:  # a pruned row has nothing to forget
+            self.store.update(record.uuid, cgroup=None)
 
     def remove_leftovers(self) -> None:
         """Cgroups of ended LMs that could not be removed before, and those their row does not

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from lmrunner import __version__, planning
@@ -171,7 +171,7 @@ class FactoryCollector(Collector):
         finally:
             store.close()
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         self.scrapes += 1
         sources = self.sources
         config = sources.config()
@@ -206,7 +206,7 @@ def _one(name: str, text: str, value: float, **labels: str) -> GaugeMetricFamily
     return family
 
 
-def _lms(config: Config, active: list[LmRecord]) -> Iterator[GaugeMetricFamily]:
+def _lms(config: Config, active: list[LmRecord]) -> Iterator[Metric]:
     lms = GaugeMetricFamily(
         f"{PREFIX}_lms",
         "LMs now, by machinetype, backend and state.",
@@ -235,7 +235,7 @@ def _lms(config: Config, active: list[LmRecord]) -> Iterator[GaugeMetricFamily]:
     )
 
 
-def _usage(active: list[LmRecord]) -> Iterator[GaugeMetricFamily]:
+def _usage(active: list[LmRecord]) -> Iterator[Metric]:
     """Live CPU and memory of the running LMs, per machinetype, from their cgroups."""
     cpu: dict[str, float] = {}
     memory: dict[str, float] = {}
@@ -267,7 +267,7 @@ def _machinetypes(
     read: object,
     sources: Sources,
     now: float,
-) -> Iterator[GaugeMetricFamily]:
+) -> Iterator[Metric]:
     share = GaugeMetricFamily(
         f"{PREFIX}_machinetype_target_share", "Configured target share.", labels=["machinetype"]
     )
@@ -300,7 +300,7 @@ def _machinetypes(
     yield last_abort
 
 
-def _engines(sources: Sources) -> Iterator[GaugeMetricFamily]:
+def _engines(sources: Sources) -> Iterator[Metric]:
     up = GaugeMetricFamily(
         f"{PREFIX}_engine_up",
         "1 when the backend's engine works (its machinetypes can start).",
@@ -312,11 +312,11 @@ def _engines(sources: Sources) -> Iterator[GaugeMetricFamily]:
     yield up
 
 
-def _pipes_and_images(sources: Sources) -> Iterator[GaugeMetricFamily]:
+def _pipes_and_images(sources: Sources) -> Iterator[Metric]:
     age = GaugeMetricFamily(
         f"{PREFIX}_pipe_age_seconds", "Age of each Vacuum Pipe's copy.", labels=["pipe"]
     )
-    failures = GaugeMetricFamily(
+    failures = CounterMetricFamily(
         f"{PREFIX}_pipe_refresh_failures",
         "Failed refreshes of each Vacuum Pipe since the daemon started.",
         labels=["pipe"],
@@ -345,7 +345,7 @@ def _pipes_and_images(sources: Sources) -> Iterator[GaugeMetricFamily]:
     yield image_age
 
 
-def _space(sources: Sources, now: float) -> Iterator[GaugeMetricFamily]:
+def _space(sources: Sources, now: float) -> Iterator[Metric]:
     view = sources.space()
     peers = GaugeMetricFamily(
         f"{PREFIX}_space_factories",
@@ -365,7 +365,7 @@ def _space(sources: Sources, now: float) -> Iterator[GaugeMetricFamily]:
         )
 
 
-def _state_dir(config: Config) -> Iterator[GaugeMetricFamily]:
+def _state_dir(config: Config) -> Iterator[Metric]:
     try:
         info = os.statvfs(config.factory.state_dir)
     except OSError:

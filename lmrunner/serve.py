@@ -12,6 +12,7 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -97,6 +98,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(body=False)
 
     def _answer(self, body: bool) -> None:
+        try:
+            self._route(body)
+        except (BrokenPipeError, ConnectionResetError):
+            raise  # the client went away: handle_error notes it quietly
+        except Exception:  # our bug or a store in trouble: said loudly, answered 500
+            self.server.app.failed()
+            data = b"internal error; see the daemon's log\n"
+            self.send_response(500)
+            self._send(data, "text/plain; charset=utf-8", body)
+
+    def _route(self, body: bool) -> None:
         path = self.path.split("?", 1)[0]
         app = self.server.app
         if path == "/metrics":
@@ -135,7 +147,17 @@ class Endpoint:
         self.page = page
         self._httpd = _Server(parse_listen(listen), self)
         self.port = int(self._httpd.server_address[1])
+        self.failures = 0
+        self._told = 0.0
         self._thread = threading.Thread(target=self._serve, name="metrics", daemon=True)
+
+    def failed(self) -> None:
+        """An answer failed: logged with its traceback, at most once a minute."""
+        self.failures += 1
+        now = time.monotonic()
+        if now - self._told >= 60:
+            self._told = now
+            LOG.exception("http: an answer failed (%d so far)", self.failures)
 
     def start(self) -> Endpoint:
         self._thread.start()

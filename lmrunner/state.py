@@ -418,13 +418,13 @@ class Store:
 
     def prune_lms(self, before: float, limit: int) -> int:
         """Remove up to ``limit`` ended LMs that finished before ``before``, whose directory is
-        cleaned, whose disk is released and whose accounting record exists, except each
+        cleaned, whose disk and cgroup are released and whose accounting record exists, except each
         machinetype's latest (backoff reads it); returns how many. One short transaction."""
         with self.write():
             cursor = self.db.execute(
                 "DELETE FROM lms WHERE uuid IN (SELECT l.uuid FROM lms l "
                 "WHERE l.finished IS NOT NULL AND l.finished < ? AND l.cleaned = 1 "
-                "AND l.disk IS NULL "
+                "AND l.disk IS NULL AND l.cgroup IS NULL "
                 "AND EXISTS (SELECT 1 FROM accounting a WHERE a.uuid = l.uuid) "
                 "AND EXISTS (SELECT 1 FROM lms n WHERE n.machinetype = l.machinetype "
                 "AND n.created > l.created AND n.finished IS NOT NULL) "

@@ -16,6 +16,7 @@ from typing import Any
 
 from lmrunner.cli.common import common_options, load
 from lmrunner.vacquery import protocol, space
+from lmrunner.yamlsrc import one_line
 
 SCHEMA = "lmrunner.factories/1"
 
@@ -66,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
             f"{status['mem_used_kb']}/{status['mem_total_kb']}",
             str(status["daemon_version"]),
         ))  # fmt: skip
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    for line in lines:
+    shown = [tuple(one_line(cell) for cell in line) for line in lines]  # remote text
+    widths = [max(len(line[i]) for line in shown) for i in range(len(shown[0]))]
+    for line in shown:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
         )

@@ -13,9 +13,8 @@ from typing import Any
 
 from lmrunner import health
 from lmrunner.cli.common import common_options, load
-from lmrunner.errors import LmrunnerError
 from lmrunner.lifecycle import ACTIVE
-from lmrunner.state import Store
+from lmrunner.state import LmRecord, Store, StoreError
 
 
 def add_parser(sub: Any) -> None:
@@ -34,8 +33,8 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         verdict = _verdict(args)
-    except (LmrunnerError, OSError) as err:
-        verdict = health.Verdict(health.UNKNOWN, str(err).splitlines()[0][:300])
+    except Exception as err:  # a check must answer, whatever happened: UNKNOWN
+        verdict = health.Verdict(health.UNKNOWN, health.plain(str(err) or type(err).__name__))
     print(verdict.line())
     return verdict.code
 
@@ -43,11 +42,18 @@ def run(args: argparse.Namespace) -> int:
 def _verdict(args: argparse.Namespace) -> health.Verdict:
     config = load(args, check_files=False)
     state_dir = config.factory.state_dir
-    store = Store(state_dir, readonly=True)
-    try:
-        active = [r for r in store.active() if r.state in ACTIVE]
-    finally:
-        store.close()
+    active: list[LmRecord] | None = None
+    try:  # unreadable (no daemon and no rights to its WAL): the heartbeat still judges
+        store = Store(state_dir, readonly=True)
+    except StoreError:
+        store = None
+    if store is not None:
+        try:
+            active = [r for r in store.active() if r.state in ACTIVE]
+        except StoreError:
+            active = None
+        finally:
+            store.close()
     try:
         info = os.statvfs(state_dir)
         free: float | None = info.f_bavail / info.f_blocks if info.f_blocks else None
@@ -56,8 +62,8 @@ def _verdict(args: argparse.Namespace) -> health.Verdict:
     return health.judge(
         health.read_heartbeat(state_dir),
         now=time.time(),
-        lms=len(active),
-        processors_used=sum(r.processors for r in active),
+        lms=None if active is None else len(active),
+        processors_used=None if active is None else sum(r.processors for r in active),
         processors_total=config.factory.total_processors,
         free_share=free,
     )

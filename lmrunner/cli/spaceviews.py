@@ -17,6 +17,7 @@ from typing import Any
 from lmrunner.cli.common import load
 from lmrunner.cli.ps import duration
 from lmrunner.vacquery import client, protocol, space
+from lmrunner.yamlsrc import one_line
 
 PS_SCHEMA = "lmrunner.ps.space/1"
 MACHINETYPES_SCHEMA = "lmrunner.machinetypes.space/1"
@@ -47,6 +48,9 @@ def _document(
 
 
 def _print_table(lines: list[tuple[str, ...]]) -> None:
+    # Every cell came over the network (a payload's shutdown_message, a Vac factory's names):
+    # escape what a terminal would act on.
+    lines = [tuple(one_line(cell) for cell in line) for line in lines]
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     for line in lines:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
@@ -56,7 +60,7 @@ def _footer(answers: client.Answers, names: list[str]) -> str:
     silent = [name for name in names if not answers.replies.get(name)]
     text = f"{len(names) - len(silent)} of {len(names)} factories answered"
     if silent:
-        text += f" (no answer: {', '.join(silent)})"
+        text += f" (no answer: {one_line(', '.join(silent))})"
     return f"{text} in {answers.seconds:.1f} s"
 
 

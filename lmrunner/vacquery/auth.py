@@ -10,9 +10,10 @@ with what is signed:
   are extra keys, which Vac's readers ignore, so a signed reply is still a valid Vac reply;
 - a message signed more than :data:`WINDOW_SECONDS` away from now is refused (replay by time);
 - a reply must echo the cookie made for this round from a fresh salt (replay of an old reply);
-- a responder takes one request cookie from one source address, at most :data:`RESENDS`
-  times (a client's retransmissions), so a captured request replayed from elsewhere, or again
-  and again, gets no answer (reflection).
+- a request names the factory it is for (``lmrunner_to``, signed): replayed to another member
+  it gets no answer; the factory it was for answers its cookie to one source address only, at
+  most :data:`RESENDS` times (a client's retransmissions), so a captured request replayed from
+  elsewhere, or again and again, gets no answer (reflection).
 
 Without ``factory.space_answer_vac`` a signing factory answers nothing unsigned; with it, it
 also answers Vac's plain queries with plain replies (read-only: Vac sees this factory's LMs,
@@ -39,12 +40,16 @@ from lmrunner.yamlsrc import one_line
 LOG = logging.getLogger(__name__)
 TIME_KEY = "lmrunner_time"
 HMAC_KEY = "lmrunner_hmac"
+#: A signed request names the factory it is for: replayed to another, it gets no answer.
+TO_KEY = "lmrunner_to"
 #: A signed message older or newer than this (clock skew included) is refused.
 WINDOW_SECONDS = 60.0
 #: Times one request cookie is answered (the client's first send and its retransmissions).
 RESENDS = 6
 #: The shortest secret taken (bytes, after surrounding whitespace is removed).
 MIN_SECRET = 16
+#: Request cookies remembered at most (two minutes of a 500-factory space fit).
+MAX_COOKIES = 65536
 MAX_SECRET_FILE = 4096
 
 
@@ -109,7 +114,10 @@ class SpaceAuth:
     clock: Callable[[], float] = time.time
     _cookies: dict[str, _Seen] = field(default_factory=dict, repr=False)
 
-    def sign(self, message: dict[str, Any]) -> dict[str, Any]:
+    def sign(self, message: dict[str, Any], to: str | None = None) -> dict[str, Any]:
+        """Sign in place (``to``: the factory a request is for, signed with the rest)."""
+        if to is not None:
+            message[TO_KEY] = to
         message[TIME_KEY] = round(self.clock(), 3)
         message[HMAC_KEY] = self._mac(message)
         return message
@@ -133,10 +141,15 @@ class SpaceAuth:
         """A verified request's cookie, first seen from ``source`` and not answered too often.
         Called after :meth:`verify`, so only signed cookies fill the table."""
         now = self.clock()
-        if len(self._cookies) > 4096:  # a minute of a busy space: forget what is out of window
-            self._cookies = {
-                k: s for k, s in self._cookies.items() if now - s.first <= 2 * WINDOW_SECONDS
-            }
+        # Forget, oldest first, what is out of the window (dicts keep insertion order: each
+        # request costs what it removes, not the table's size), and never hold more than
+        # MAX_COOKIES.
+        while self._cookies:
+            oldest = next(iter(self._cookies))
+            first = self._cookies[oldest].first
+            if now - first <= 2 * WINDOW_SECONDS and len(self._cookies) < MAX_COOKIES:
+                break
+            del self._cookies[oldest]
         seen = self._cookies.get(cookie)
         if seen is None or now - seen.first > 2 * WINDOW_SECONDS:
             self._cookies[cookie] = _Seen(source, now)

@@ -12,6 +12,7 @@ made for the factory it names, one of those asked.
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -96,11 +97,13 @@ def query(
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
         for _ in range(tries + 1):
-            missing = [name for name in names if not answers.complete(name)]
+            # In planning, a Vac factory's plain reply is not used, but it did answer.
+            ignored = set() if unsigned else answers.unsigned
+            missing = [n for n in names if not answers.complete(n) and n not in ignored]
             if not missing or time.monotonic() >= end:
                 break
             for name in missing:
-                sign = None if auth is None else auth.sign
+                sign = None if auth is None else functools.partial(auth.sign, to=name)
                 datagram = protocol.request(kind, space, cookies[name], client, sign)
                 try:
                     address = resolve(name) if resolve else name
@@ -128,7 +131,8 @@ def _gather(
     seconds, or ``end``."""
     # The factories still owing replies, kept as replies come (checking every factory after
     # each datagram made a round quadratic: 3 million checks at 500 factories).
-    owing = {name for name in cookies if not answers.complete(name)}
+    ignored = set() if unsigned else answers.unsigned
+    owing = {n for n in cookies if not answers.complete(n) and n not in ignored}
     while owing:
         left = end - time.monotonic()
         if left <= 0:
@@ -156,10 +160,14 @@ def _gather(
             answers.dropped += 1
             continue
         if auth is not None and not auth.verify(reply):
-            if not unsigned or is_signed(reply):  # forged, replayed or from another secret
+            if is_signed(reply):  # forged, replayed or from another secret
                 answers.dropped += 1
                 continue
-            answers.unsigned.add(factory)
+            answers.unsigned.add(factory)  # a Vac factory answering plainly
+            if not unsigned:  # planning: never used, but it answered: no more asking
+                answers.dropped += 1
+                owing.discard(factory)
+                continue
         item = ITEM[answers.kind]
         key = str(reply[item]) if item else ""
         got = answers.replies[factory]

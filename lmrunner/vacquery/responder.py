@@ -21,7 +21,7 @@ from typing import Any
 
 from lmrunner.config import Config
 from lmrunner.vacquery import protocol, replies
-from lmrunner.vacquery.auth import AuthFor, is_signed
+from lmrunner.vacquery.auth import TO_KEY, AuthFor, is_signed
 from lmrunner.vacquery.snapshot import Snapshots
 
 LOG = logging.getLogger(__name__)
@@ -115,6 +115,9 @@ class Responder:
         if (auth is not None and not signed
                 and (is_signed(request.body) or not auth.answer_vac)):  # fmt: skip
             self.dropped += 1
+            return
+        if signed and request.body.get(TO_KEY) != factory.hostname:
+            self.dropped += 1  # signed for another factory: a replay
             return
         if signed and auth is not None and not auth.fresh_request(request.cookie, addr[0]):
             self.dropped += 1

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from lmrunner.config import Config
-from lmrunner.state import LmRecord, Store, StoreError
+from lmrunner.state import Store, StoreError
 from lmrunner.vacquery.replies import Facts
 
 LOG = logging.getLogger(__name__)
@@ -54,15 +54,6 @@ class Snapshots:
             return None
         self._facts = Facts(config, active, last, now)
         return self._facts
-
-    def record(self, uuid: str) -> LmRecord | None:
-        """One LM as stored (None: unknown, or the store cannot be read)."""
-        try:
-            return self._open(self.config()).get(uuid)
-        except StoreError as err:
-            LOG.error("vacquery: cannot read the store: %s", err)
-            self.close()
-            return None
 
     def _open(self, config: Config) -> Store:
         if self._store is None:

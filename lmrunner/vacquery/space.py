@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lmrunner.config import Config
@@ -22,6 +22,8 @@ from lmrunner.vacquery.auth import AuthFor, from_config
 LOG = logging.getLogger(__name__)
 #: A view this old is not used (the watch stopped, or no round ended for long).
 STALE_SECONDS = 300.0
+#: A factory's last reply about a machinetype counts this long when later rounds miss it.
+KEEP_SECONDS = 60.0
 #: Rest between two rounds (a round itself takes at most ``udp_timeout_seconds``).
 PERIOD_SECONDS = 5.0
 
@@ -47,6 +49,12 @@ class SpaceView:
     answered: tuple[str, ...] = ()
     silent: tuple[str, ...] = ()
     seconds: float = 0.0
+
+
+def _silent(answers: client.Answers) -> tuple[str, ...]:
+    """Factories that gave no reply; Vac factories whose plain replies a signed space does not
+    use answered all the same (they are not missing: they are not trusted)."""
+    return tuple(sorted(set(answers.replies) - set(answers.answered()) - answers.unsigned))
 
 
 def abort_code(message: object) -> int | None:
@@ -88,7 +96,7 @@ def aggregate(answers: client.Answers, taken: float) -> SpaceView:
         for name, e in sums.items()
     }
     answered = tuple(answers.answered())
-    silent = tuple(sorted(set(answers.replies) - set(answered)))
+    silent = _silent(answers)
     return SpaceView(taken, types, answered, silent, answers.seconds)
 
 
@@ -166,6 +174,8 @@ class SpaceWatch:
         self._closed = threading.Event()
         self._wake = threading.Event()
         self._silent: tuple[str, ...] = ()
+        #: factory -> item -> (when seen, reply): the last replies of each, for lossy rounds
+        self._known: dict[str, dict[str, tuple[float, dict[str, Any]]]] = {}
         self._auth = AuthFor(clock)
         self._thread = threading.Thread(target=self._run, name="space", daemon=True)
 
@@ -204,7 +214,9 @@ class SpaceWatch:
             resolve=self.resolve,
             auth=self._auth(factory.space_secret_file, factory.space_answer_vac),
         )
-        view = aggregate(answers, self.clock())
+        now = self.clock()
+        view = aggregate(self._remember(answers, now), now)
+        view = replace(view, answered=tuple(answers.answered()), silent=_silent(answers))
         self._tell_aborts(view)
         if view.silent != self._silent:
             if view.silent:
@@ -214,6 +226,22 @@ class SpaceWatch:
             self._silent = view.silent
         self._view = view
         return view
+
+    def _remember(self, answers: client.Answers, now: float) -> client.Answers:
+        """This round's replies over the last ones of each factory (up to KEEP_SECONDS old):
+        a lossy round that missed a factory's reply, or part of them, must not make its LMs
+        or its abort vanish from the view (Vac planned with one round only)."""
+        for name, got in answers.replies.items():
+            for item, reply in got.items():
+                self._known.setdefault(name, {})[item] = (now, reply)
+        merged = client.Answers(answers.kind, seconds=answers.seconds)
+        for name in answers.replies:  # factories no longer in the space are forgotten
+            fresh = {item: reply for item, (when, reply) in self._known.get(name, {}).items()
+                     if now - when <= KEEP_SECONDS}  # fmt: skip
+            self._known[name] = {item: self._known[name][item] for item in fresh}
+            merged.replies[name] = fresh
+        self._known = {name: self._known[name] for name in answers.replies if name in self._known}
+        return merged
 
     def _tell_aborts(self, view: SpaceView) -> None:
         """Log each abort elsewhere once, when first seen (it backs the type off here too)."""

@@ -12,7 +12,6 @@ Vac); a full queue drops the oldest.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import socket
 import threading
@@ -85,20 +84,22 @@ class VacMon(Observer):
     # --- the thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            try:
-                while not self._closed.is_set():
-                    self._due.wait()
-                    self._due.clear()
-                    try:
-                        self.send_due(sock)
-                    except Exception:  # monitoring must never stop: next time again
-                        LOG.exception("vacmon: sending failed")
-                if self._ended:  # ends told while the last send ran: they are due too
-                    with contextlib.suppress(Exception):
-                        self.send_due(sock)
-            finally:
-                self._snapshots.close()
+        try:
+            while not self._closed.is_set():
+                self._due.wait()
+                self._due.clear()
+                self._send_once()
+            if self._ended:  # ends told while the last send ran: they are due too
+                self._send_once()
+        finally:
+            self._snapshots.close()
+
+    def _send_once(self) -> None:
+        try:  # a socket per send: no descriptor held, none to lose for good
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                self.send_due(sock)
+        except Exception:  # monitoring must never stop: next time again
+            LOG.exception("vacmon: sending failed")
 
     def send_due(self, sock: socket.socket) -> None:
         """Send what is due now (the thread's work; tests call it directly)."""

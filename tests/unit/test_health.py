@@ -617,12 +617,15 @@ def test_health_exits_3_without_a_config_file(
     assert lines[0].startswith("LMRUNNER UNKNOWN - ")
 
 
-def test_health_exits_3_without_a_store(
+def test_health_without_a_store_judges_the_heartbeat(
     state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """No store it can read (no daemon ever ran, or NRPE lacks the rights to its WAL): the
+    heartbeat decides (none here: CRITICAL), the LMs are unknown, and no store is made."""
     empty = tmp_path / "empty"
     empty.mkdir()
     code, lines = run_health(capsys, state.parent / "lmrunner.yaml", "--state-dir", str(empty))
-    assert code == 3
-    assert lines[0].startswith("LMRUNNER UNKNOWN - ")
+    assert code == 2
+    assert lines[0].startswith("LMRUNNER CRITICAL - no daemon heartbeat")
+    assert "LMs unknown" in lines[0]
     assert not (empty / "lmrunner.db").exists()  # the check made no store

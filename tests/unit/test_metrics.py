@@ -404,8 +404,8 @@ def test_pipes_images_and_space(config: Config, clock: Clock) -> None:
         )
     )
     assert got.named("lmrunner_pipe_age_seconds") == {frozenset({("pipe", "one")}): 12}
-    assert got.value("lmrunner_pipe_refresh_failures", pipe="one") == 0
-    assert got.value("lmrunner_pipe_refresh_failures", pipe="two") == 3
+    assert got.value("lmrunner_pipe_refresh_failures_total", pipe="one") == 0
+    assert got.value("lmrunner_pipe_refresh_failures_total", pipe="two") == 3
     assert got.value("lmrunner_image_ready", machinetype="alpha", status="ready") == 1
     assert got.value("lmrunner_image_ready", machinetype="beta", status="failed") == 0
     assert got.named("lmrunner_image_age_seconds") == {frozenset({("machinetype", "alpha")}): 60}

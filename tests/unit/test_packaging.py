@@ -45,8 +45,10 @@ def test_distribution_metadata() -> None:
     # spython is not one (docs/backends/apptainer.md: it fits none of the backend's jobs).
     # qemu.qmp is QEMU's own QMP client, which the VM backend uses (docs/backends/vm.md).
     # cysystemd: sd_notify and the journal, for the daemon as a systemd service (lmrunner.service).
+    # prometheus-client: the daemon's /metrics (docs/operations.md).
     assert runtime == {
-        "cysystemd", "docker", "psutil", "pyyaml", "qemu.qmp", "requests", "urllib3"
+        "cysystemd", "docker", "prometheus-client", "psutil", "pyyaml", "qemu.qmp", "requests",
+        "urllib3",
     }  # fmt: skip
     dev = {dep.split(">")[0].split("=")[0] for dep in project["optional-dependencies"]["dev"]}
     assert {"pytest", "ruff", "mypy", "hypothesis", "virtme-ng"} <= dev

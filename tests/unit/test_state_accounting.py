@@ -107,8 +107,8 @@ def make_v1(state_dir: Path, records: list[LmRecord], factory_id: str | None) ->
         db.close()
 
 
-def test_schema_is_version_3() -> None:
-    assert SCHEMA_VERSION == 3
+def test_schema_is_version_4() -> None:
+    assert SCHEMA_VERSION == 4
 
 
 def test_a_schema_1_database_is_migrated_and_keeps_its_lms(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -772,10 +773,11 @@ def test_a_plain_vac_responder(
         assert not answers.verified(FACTORY)
         assert HMAC_KEY not in answers.replies[FACTORY][""]
         assert answers.dropped == 0
-    else:  # planning: never used
+    else:  # planning: never used, but known to have answered (not silent, not asked again)
         assert answers.replies == {FACTORY: {}}
-        assert answers.unsigned == set()
+        assert answers.unsigned == {FACTORY}
         assert answers.dropped == answers.received
+        assert answers.sent == 1
     assert until(lambda: running.answered == answers.sent)  # the responder did answer
 
 
@@ -785,7 +787,9 @@ def test_a_replayed_request_gets_no_reply(
     running = serve(configured(env))
     first, second = udp(FACTORY), udp(OTHER)
     auth = SpaceAuth(SECRET)
-    datagram = protocol.request(protocol.FACTORY_QUERY, SPACE, "c" * 64, "factory", auth.sign)
+    datagram = protocol.request(
+        protocol.FACTORY_QUERY, SPACE, "c" * 64, "factory", partial(auth.sign, to=FACTORY)
+    )
     target = (FACTORY, running.port)
 
     first.sendto(datagram, target)
@@ -807,7 +811,9 @@ def test_a_replayed_request_gets_no_reply(
     assert drain(first) == []
     assert running.answered == RESENDS
 
-    fresh = protocol.request(protocol.FACTORY_QUERY, SPACE, "d" * 64, "factory", auth.sign)
+    fresh = protocol.request(
+        protocol.FACTORY_QUERY, SPACE, "d" * 64, "factory", partial(auth.sign, to=FACTORY)
+    )
     second.sendto(fresh, target)  # a new cookie from the second source is answered
     assert one_reply(second)["cookie"] == "d" * 64
 
@@ -819,7 +825,12 @@ def test_a_tampered_request_gets_no_reply(
     running = serve(configured(env))
     sock = udp(FACTORY)
     body = json.loads(
-        protocol.request(protocol.FACTORY_QUERY, SPACE, "c" * 64, sign=SpaceAuth(SECRET).sign)
+        protocol.request(
+            protocol.FACTORY_QUERY,
+            SPACE,
+            "c" * 64,
+            sign=partial(SpaceAuth(SECRET).sign, to=FACTORY),
+        )
     )
     body.update(
         {
@@ -852,12 +863,18 @@ def test_a_hostile_signed_request_is_dropped_quietly(
     running = serve(configured(env))
     sock = udp(FACTORY)
     auth = SpaceAuth(SECRET)
-    body = json.loads(protocol.request(protocol.FACTORY_QUERY, SPACE, "c" * 64, sign=auth.sign))
+    body = json.loads(
+        protocol.request(
+            protocol.FACTORY_QUERY, SPACE, "c" * 64, sign=partial(auth.sign, to=FACTORY)
+        )
+    )
     HOSTILE_REQUEST[hostile](body)
     data = json.dumps(body).encode()
     assert len(data) <= protocol.REQUEST_LIMIT
     sock.sendto(data, (FACTORY, running.port))
-    good = protocol.request(protocol.FACTORY_QUERY, SPACE, "d" * 64, sign=auth.sign)
+    good = protocol.request(
+        protocol.FACTORY_QUERY, SPACE, "d" * 64, sign=partial(auth.sign, to=FACTORY)
+    )
     sock.sendto(good, (FACTORY, running.port))  # answered after the hostile one was handled
     assert one_reply(sock)["cookie"] == "d" * 64
     assert not [record for record in caplog.records if record.exc_info]
@@ -1091,3 +1108,20 @@ def test_answer_vac_without_a_secret_is_an_error(tmp_path: Path) -> None:
 
 def test_answer_vac_false_without_a_secret_is_fine(tmp_path: Path) -> None:
     assert not load(write_config(tmp_path, space_answer_vac=False)).factory.space_answer_vac
+
+
+def test_a_request_signed_for_another_factory_gets_no_reply(
+    env: Env, serve: Callable[[Config], Responder], udp: Callable[[str], socket.socket]
+) -> None:
+    """Captured on its way to one member and replayed to another: refused (reflection)."""
+    running = serve(configured(env))
+    sock = udp(FACTORY)
+    auth = SpaceAuth(SECRET)
+    for to in ("other.example.com", None):
+        datagram = protocol.request(protocol.FACTORY_QUERY, SPACE, "e" * 64, "factory",
+                                    partial(auth.sign, to=to))  # fmt: skip
+        sock.sendto(datagram, (FACTORY, running.port))
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            sock.recv(65536)
+    assert until(lambda: running.dropped >= 2)
