@@ -141,7 +141,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             renders.append(time.perf_counter() - began)
         out["page_ms"] = statistics.median(renders) * 1000
         out["page_bytes"] = len(body)
-        page.close()
 
         endpoint = Endpoint("127.0.0.1:0", metrics).start()
         scrapes, cpu = [], []
